@@ -1,0 +1,245 @@
+"""Soft prompt tuning of a frozen backbone: the LightningModule at the centre of Skeleton.
+
+Only the soft prompt (and a small task head) train. The prompt tokens are prepended to the
+input embeddings, so the backbone sees ``[P_1..P_n, CLS, tokens..., SEP]`` with an attention
+mask and positions that cover them. Pooling reads real tokens, never soft ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from skeleton.backbones import freeze, load_backbone, load_tokenizer, set_dropout, weights_hash
+from skeleton.heads import TaskHead, task_loss
+from skeleton.tasks import get_task
+
+POOLINGS = ("mean", "first", "last", "prompt")
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class PromptConfig:
+    """How the soft prompt is shaped and initialised (kept apart from the model, as PEFT does)."""
+
+    num_tokens: int = 20
+    init: str = "vocab"  # random | vocab (embeddings of sampled vocabulary tokens) | text
+    init_text: str | None = None
+    lr: float = 3e-2
+
+    def __post_init__(self):
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"prompt.init={self.init!r} is unknown; choose one of {', '.join(PROMPT_INITS)}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError("prompt.init=text needs prompt.init_text='...' (the words to start the prompt from)")
+        if self.num_tokens < 1:
+            raise ValueError(f"prompt.num_tokens must be >= 1, got {self.num_tokens}")
+
+
+class SoftPrompt(nn.Module):
+    """``num_tokens`` trainable input embeddings shared by every example."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = nn.Parameter(embeddings.detach().clone())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embeddings.unsqueeze(0).expand(batch_size, -1, -1)
+
+    @classmethod
+    def initialise(cls, cfg: PromptConfig, word_embeddings: nn.Embedding, tokenizer=None, seed: int = 0):
+        """Vocabulary init (Lester et al. 2021) starts inside the embedding manifold and trains faster."""
+        weight = word_embeddings.weight.detach()
+        gen = torch.Generator().manual_seed(seed)
+        if cfg.init == "random":
+            std = weight.std().item()
+            return cls(torch.randn(cfg.num_tokens, weight.shape[1], generator=gen) * std)
+        if cfg.init == "vocab":
+            ids = torch.randint(min(5000, weight.shape[0]), (cfg.num_tokens,), generator=gen)
+            return cls(weight[ids])
+        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        ids = (ids * (cfg.num_tokens // max(len(ids), 1) + 1))[: cfg.num_tokens]
+        return cls(weight[torch.tensor(ids)])
+
+
+class PromptTunedModel(L.LightningModule):
+    """Frozen backbone + soft prompt + task head.
+
+    ``pooling``: ``mean`` over real tokens (default: all-MiniLM-L6-v2 and other sentence encoders
+    were trained for mean pooling, and a mean is robust when the prompt shifts the [CLS] position);
+    ``first`` reads the real first token ([CLS], right after the prompt); ``last`` the last real
+    token (decoder families); ``prompt`` the mean of the soft-prompt outputs.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        task: str,
+        prompt: PromptConfig | dict | None = None,
+        pooling: str = "mean",
+        backbone_dropout: float = 0.0,
+        head_hidden: int = 0,
+        head_dropout: float = 0.0,
+        head_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+        scheduler: str = "linear",
+        seed: int = 0,
+    ):
+        super().__init__()
+        prompt_cfg = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
+        self.save_hyperparameters({**locals_to_hparams(locals()), "prompt": vars(prompt_cfg)})
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
+        self.task = get_task(task)
+        self.prompt_cfg = prompt_cfg
+        self.backbone_name = backbone
+        self.backbone = load_backbone(backbone, seed=seed)
+        freeze(self.backbone)
+        set_dropout(self.backbone, backbone_dropout)
+        self.backbone_dropout = backbone_dropout
+        tokenizer = load_tokenizer(backbone) if prompt_cfg.init == "text" else None
+        self.prompt = SoftPrompt.initialise(prompt_cfg, self.backbone.get_input_embeddings(), tokenizer, seed)
+        hidden = self.backbone.config.hidden_size
+        self.head = TaskHead(self.task.formulation, hidden, self.task.num_labels, head_hidden, head_dropout)
+        self._uses_token_types = getattr(self.backbone.config, "type_vocab_size", 0) > 1
+        self.strict_loading = False  # checkpoints hold prompt + head only, never the backbone
+        self.metrics = {"val": self.task.build_metrics(), "test": self.task.build_metrics()}
+
+    # ---- the forward pass ------------------------------------------------------------
+    @property
+    def task_formulation(self) -> str:
+        return self.task.formulation
+
+    def content_mask(self, batch: dict) -> torch.Tensor:
+        """True where the backbone sees a real token: not padding, not a soft prompt position."""
+        mask = batch["attention_mask"].bool()
+        prompt = mask.new_zeros(mask.shape[0], self.prompt.num_tokens)
+        return torch.cat([prompt, mask], dim=1)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """Backbone hidden states for every row (B*C rows), prompt positions included."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, n = ids.shape[0], self.prompt.num_tokens
+        embeds = self.backbone.get_input_embeddings()(ids)
+        inputs = torch.cat([self.prompt(rows).to(embeds.dtype), embeds], dim=1)
+        full_mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
+        kwargs = {}
+        if self._uses_token_types and "token_type_ids" in batch:
+            kwargs["token_type_ids"] = torch.cat([mask.new_zeros(rows, n), batch["token_type_ids"]], dim=1)
+        out = self.backbone(inputs_embeds=inputs, attention_mask=full_mask, **kwargs)
+        return out.last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        n = self.prompt.num_tokens
+        pooling = self.hparams.pooling
+        if pooling == "first":
+            return hidden[:, n]
+        if pooling == "prompt":
+            return hidden[:, :n].mean(dim=1)
+        mask = batch["attention_mask"].to(hidden.dtype)
+        if pooling == "last":
+            last = batch["attention_mask"].sum(dim=1) - 1 + n
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        text = hidden[:, n:]
+        return (text * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        pooled = self.pool(self.encode(batch), batch)
+        return self.head(pooled, batch.get("num_choices", 1), batch.get("choice_mask"))
+
+    # ---- training ----------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Keep a dropout-free frozen backbone in eval mode: same maths, no dropout overhead."""
+        super().train(mode)
+        if mode and self.backbone_dropout == 0:
+            self.backbone.eval()
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = task_loss(self.task.formulation, self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        logits = self(batch)
+        loss = task_loss(self.task.formulation, logits, batch["labels"])
+        self.log(f"{stage}/loss", loss, batch_size=batch["labels"].shape[0])
+        self.metrics[stage].update(logits.detach().float().cpu(), _cpu(batch))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        scores = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, sync_dist=True)
+        self.log(f"{stage}/score", scores[self.task.headline], prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        self.log_dict({f"params/{k}": float(v) for k, v in counts.items()}, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+                  f"({100 * counts['trainable'] / counts['total']:.3f}%)")
+
+    def trainable_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Counts, after checking that nothing but the prompt and the head can train."""
+        stray = [n for n in self.trainable_names() if not n.startswith(("prompt.", "head."))]
+        if stray:
+            raise RuntimeError(f"backbone parameters are trainable but must stay frozen: {stray[:5]}")
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total, "prompt": self.prompt.embeddings.numel()}
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": list(self.prompt.parameters()), "lr": self.prompt_cfg.lr, "weight_decay": 0.0},
+            {"params": list(self.head.parameters()), "lr": self.hparams.head_lr,
+             "weight_decay": self.hparams.weight_decay},
+        ]
+        optimizer = torch.optim.AdamW(groups)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_scheduler(self.hparams.scheduler, optimizer,
+                                  num_warmup_steps=int(self.hparams.warmup_ratio * total),
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: what was trained, plus the backbone's identity ----------------------------
+    def backbone_identity(self) -> dict:
+        return {"name_or_path": self.backbone_name, "sha256": weights_hash(self.backbone)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
+        }
+        checkpoint["skeleton_backbone"] = {"name_or_path": self.backbone_name}
+
+
+def _cpu(batch: dict) -> dict:
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def locals_to_hparams(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in ("self", "__class__", "prompt")}

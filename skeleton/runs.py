@@ -1,0 +1,102 @@
+"""Run folders: layout, atomic summaries, failure records, W&B setup.
+
+A run folder is self-describing: ``config.yaml`` (resolved), ``csv/`` (metrics per epoch),
+``summary.json`` (written atomically, ``status: complete`` last), ``skeleton/`` (the artifact)
+and ``error.json`` when it failed. Tables read only summaries, so sweeps can be re-tabled offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.json"
+ERROR = "error.json"
+COMPLETE = "complete"
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Temp file + rename: a reader never sees half a file, even if the run is killed mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, default=_jsonable)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("status") == COMPLETE
+
+
+def write_summary(run_dir: str | Path, summary: dict) -> Path:
+    path = Path(run_dir) / SUMMARY
+    write_json_atomic(path, {**summary, "status": COMPLETE})
+    (Path(run_dir) / ERROR).unlink(missing_ok=True)
+    return path
+
+
+def record_failure(run_dir: str | Path, error: BaseException) -> Path:
+    """Keep the traceback beside the run so a sweep can carry on and the failure stays visible."""
+    path = Path(run_dir) / ERROR
+    write_json_atomic(path, {
+        "type": type(error).__name__,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+    })
+    return path
+
+
+def config_hash(config: dict, exclude: tuple[str, ...] = ()) -> str:
+    """Stable hash of a (nested) config, minus dotted keys in ``exclude``: names caches and reuse."""
+    def strip(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items()) if f"{prefix}{k}" not in exclude}
+        if isinstance(node, list):
+            return [strip(v, prefix) for v in node]
+        return node
+
+    blob = json.dumps(strip(config, ""), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def wandb_mode(requested: str = "auto") -> str:
+    """``auto`` goes online only with credentials: never an interactive login prompt, never a hang."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"

@@ -1,0 +1,165 @@
+"""Hydra entry point: compose, instantiate, prompt-tune, (localize + prune), test, write the summary.
+
+    skeleton-train experiment=quickstart
+    skeleton-train task=rte model=minilm skeleton.psi=0.02 seed=1
+    skeleton-train -m task=sst2,rte skeleton.psi=0.01,0.02      # a sweep; reruns skip finished runs
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from skeleton import runs  # noqa: E402
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The Hydra output folder, or ``cfg.run_dir`` when called outside Hydra (notebooks, tests)."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        node = OmegaConf.to_container(node, resolve=True)
+        if name == "wandb":
+            mode = runs.wandb_mode(node.pop("mode", "auto"))
+            if mode == "disabled":
+                continue
+            node.update(mode=mode, save_dir=str(run_dir), name=run_dir.name, dir=str(run_dir))
+            node["group"] = node.get("group") or cfg.get("sweep_name")
+            node["tags"] = sorted({*node.get("tags", []), *run_tags(cfg)})
+        else:
+            node["save_dir"] = str(run_dir)
+        loggers.append(instantiate(node))
+    return loggers
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """Tags that let a W&B dashboard group runs without manual work."""
+    tags = [f"task:{cfg.task.name}", f"model:{cfg.model.name}", f"seed:{cfg.seed}"]
+    if cfg.get("skeleton") and cfg.skeleton.get("enabled", False):
+        tags += [f"psi:{cfg.skeleton.psi}", f"criterion:{cfg.skeleton.attribution.criterion}"]
+    return [*tags, *cfg.get("tags", [])]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    if cfg.get("skeleton") and cfg.skeleton.get("enabled", False):
+        from skeleton.callback import SkeletonCallback
+
+        callbacks.append(SkeletonCallback.from_config(cfg.skeleton))
+    return callbacks
+
+
+def train(cfg: DictConfig) -> dict:
+    """One run, start to finish. Returns the summary it wrote."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("skip_completed", True) and runs.is_complete(run_dir):
+        print(f"skipping: {run_dir} already holds a complete summary.json")
+        return runs.read_summary(run_dir)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.module)
+    callbacks = build_callbacks(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
+                          default_root_dir=str(run_dir))
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - started
+    test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+
+    summary = base_summary(cfg, model, trainer, run_dir, fit_seconds, test_metrics)
+    skeleton = next((c for c in callbacks if hasattr(c, "summary")), None)
+    if skeleton is not None and skeleton.result is not None:
+        summary.update(skeleton.summary())
+        if cfg.get("save_artifact", True):
+            summary["artifact"] = str(skeleton.save_artifact(model, run_dir / "skeleton"))
+    if trainer.is_global_zero:
+        runs.write_summary(run_dir, summary)
+        log_summary(trainer, summary)
+    return summary
+
+
+def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float, test_metrics: dict) -> dict:
+    task = model.task
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    steps = max(trainer.global_step, 1)
+    return {
+        "task": task.name,
+        "benchmark": task.benchmark,
+        "model": cfg.model.name,
+        "backbone": cfg.model.backbone,
+        "seed": int(cfg.seed),
+        "sweep": cfg.get("sweep_name"),
+        "headline_metric": task.headline,
+        "run_dir": str(run_dir),
+        "dense": {
+            "search": {k[len("val/"):]: v for k, v in metrics.items() if k != "val/loss"},
+            "dev": {k[len("test/"):]: float(v) for k, v in test_metrics.items() if k != "test/loss"},
+        },
+        "params": model.parameter_counts(),
+        "train": {"seconds": round(fit_seconds, 2), "steps": trainer.global_step,
+                  "epochs": trainer.current_epoch, "seconds_per_step": round(fit_seconds / steps, 4)},
+    }
+
+
+def log_summary(trainer, summary: dict) -> None:
+    flat = {}
+    for split in ("search", "dev"):
+        for stage in ("dense", "pruned"):
+            value = summary.get(stage, {}).get(split, {}).get(summary["headline_metric"])
+            if value is not None:
+                flat[f"summary/{stage}_{split}"] = value
+    for key in ("rate", "speedup"):
+        if key in summary:
+            flat[f"summary/{key}"] = summary[key]
+    for logger in trainer.loggers:
+        logger.log_metrics(flat, step=trainer.global_step)
+        logger.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = run_dir_of(cfg)
+    try:
+        summary = train(cfg)
+    except Exception as error:
+        path = runs.record_failure(run_dir, error)
+        print(f"run failed; the error is recorded in {path}")
+        if not _in_multirun():
+            raise
+        return None
+    print(f"run folder: {run_dir}")
+    print(f"summary:    {run_dir / runs.SUMMARY}")
+    headline = summary["headline_metric"]
+    stage = "pruned" if "pruned" in summary else "dense"
+    return summary[stage]["dev"].get(headline)
+
+
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
