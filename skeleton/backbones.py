@@ -26,8 +26,16 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "electra": dict(model_type="electra", embedding_size=32, **_TINY, max_position_embeddings=256),
     "deberta-v2": dict(model_type="deberta-v2", **_TINY, max_position_embeddings=256, type_vocab_size=0),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=256,
-                 bos_token_id=101, eos_token_id=102),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=64,
+        n_positions=256,
+        bos_token_id=101,
+        eos_token_id=102,
+    ),
     "llama": dict(model_type="llama", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
 }
 

@@ -102,12 +102,20 @@ class SkeletonResult:
 
 
 class SkeletonCallback(Callback):
-    def __init__(self, psi: float = 1.0, attribution: AttributionConfig | None = None,
-                 pruning: PruningConfig | None = None, search: SearchConfig | None = None,
-                 recovery: RecoveryConfig | None = None, benchmark: BenchmarkConfig | None = None,
-                 restore_best: bool = True):
+    def __init__(
+        self,
+        psi: float = 1.0,
+        attribution: AttributionConfig | None = None,
+        pruning: PruningConfig | None = None,
+        search: SearchConfig | None = None,
+        recovery: RecoveryConfig | None = None,
+        benchmark: BenchmarkConfig | None = None,
+        restore_best: bool = True,
+    ):
         if psi < 0:
-            raise ValueError(f"skeleton.psi={psi} is impossible: it is the allowed drop in points, use psi >= 0")
+            raise ValueError(
+                f"skeleton.psi={psi} is impossible: it is the allowed drop in points, use psi >= 0"
+            )
         self.psi = psi
         self.attribution = attribution or AttributionConfig()
         self.pruning = pruning or PruningConfig()
@@ -120,8 +128,13 @@ class SkeletonCallback(Callback):
     @classmethod
     def from_config(cls, cfg) -> SkeletonCallback:
         """Build from the ``skeleton`` config group (unknown keys fail loudly, naming the key)."""
-        sections = {"attribution": AttributionConfig, "pruning": PruningConfig, "search": SearchConfig,
-                    "recovery": RecoveryConfig, "benchmark": BenchmarkConfig}
+        sections = {
+            "attribution": AttributionConfig,
+            "pruning": PruningConfig,
+            "search": SearchConfig,
+            "recovery": RecoveryConfig,
+            "benchmark": BenchmarkConfig,
+        }
         kwargs = {name: kind(**dict(cfg.get(name) or {})) for name, kind in sections.items()}
         return cls(psi=float(cfg.psi), restore_best=bool(cfg.get("restore_best", True)), **kwargs)
 
@@ -147,33 +160,55 @@ class SkeletonCallback(Callback):
         started = time.perf_counter()
         scores = self.score(model, datamodule, trainer)
         attribution_s = time.perf_counter() - started
-        say(f"attribution ({self.attribution.criterion}) over {scores.num_instances} instances: "
-            f"{attribution_s:.1f}s")
+        say(
+            f"attribution ({self.attribution.criterion}) over {scores.num_instances} instances: "
+            f"{attribution_s:.1f}s"
+        )
 
         started = time.perf_counter()
         evaluate_rate = masked_evaluator(
-            backbone, scores, lambda: evaluate(model, search_loader)[headline],
-            scope=self.pruning.scope, min_per_layer=self.pruning.min_per_layer, round_to=self.pruning.round_to)
+            backbone,
+            scores,
+            lambda: evaluate(model, search_loader)[headline],
+            scope=self.pruning.scope,
+            min_per_layer=self.pruning.min_per_layer,
+            round_to=self.pruning.round_to,
+        )
         found = search_pruning_rate(
-            evaluate_rate, dense["search"][headline], self.psi / 100.0,
-            granularity=self.search.granularity, max_rate=self.search.max_rate,
+            evaluate_rate,
+            dense["search"][headline],
+            self.psi / 100.0,
+            granularity=self.search.granularity,
+            max_rate=self.search.max_rate,
             lookahead=self.search.lookahead,
-            progress=lambda r, s, ok: say(f"  rate {r:.2f}: {headline} {s:.4f} {'ok' if ok else 'over margin'}"))
+            progress=lambda r, s, ok: say(
+                f"  rate {r:.2f}: {headline} {s:.4f} {'ok' if ok else 'over margin'}"
+            ),
+        )
         search_s = time.perf_counter() - started
-        say(f"search: largest rate within psi={self.psi} points is {found.rate:.2f} "
-            f"({found.evaluations} evaluations, {search_s:.1f}s)")
+        say(
+            f"search: largest rate within psi={self.psi} points is {found.rate:.2f} "
+            f"({found.evaluations} evaluations, {search_s:.1f}s)"
+        )
 
         dense_backbone = copy.deepcopy(backbone)
-        keep_ffn = select_neurons(scores, found.rate, scope=self.pruning.scope,
-                                  min_per_layer=self.pruning.min_per_layer, round_to=self.pruning.round_to)
+        keep_ffn = select_neurons(
+            scores,
+            found.rate,
+            scope=self.pruning.scope,
+            min_per_layer=self.pruning.min_per_layer,
+            round_to=self.pruning.round_to,
+        )
         prune_ffn(backbone, keep_ffn)
         keep_heads = self._prune_heads(backbone, scores)
         pruned = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
         latency = measure_speedup(model, dense_backbone, datamodule, self.benchmark)
         del dense_backbone
         after = _shape_report(backbone, self.benchmark)
-        say(f"pruned {headline}: search {pruned['search'][headline]:.4f}, dev {pruned['dev'][headline]:.4f}; "
-            f"FFN kept {sum(after['widths'])}/{sum(before['widths'])}; speedup x{latency['speedup']:.2f}")
+        say(
+            f"pruned {headline}: search {pruned['search'][headline]:.4f}, dev {pruned['dev'][headline]:.4f}; "
+            f"FFN kept {sum(after['widths'])}/{sum(before['widths'])}; speedup x{latency['speedup']:.2f}"
+        )
 
         recovered = None
         if self.recovery.steps > 0:
@@ -182,13 +217,26 @@ class SkeletonCallback(Callback):
             say(f"after {self.recovery.steps} recovery steps: dev {recovered['dev'][headline]:.4f}")
 
         return SkeletonResult(
-            psi=self.psi, headline=headline, rate=found.rate, dense=dense, pruned=pruned,
-            curve=[list(point) for point in found.curve], keep_ffn=keep_ffn, keep_heads=keep_heads,
-            recovered=recovered, widths_before=before["widths"], widths_after=after["widths"],
-            params_before=before["params"], params_after=after["params"], flops_before=before["flops"],
-            flops_after=after["flops"], latency=latency,
+            psi=self.psi,
+            headline=headline,
+            rate=found.rate,
+            dense=dense,
+            pruned=pruned,
+            curve=[list(point) for point in found.curve],
+            keep_ffn=keep_ffn,
+            keep_heads=keep_heads,
+            recovered=recovered,
+            widths_before=before["widths"],
+            widths_after=after["widths"],
+            params_before=before["params"],
+            params_after=after["params"],
+            flops_before=before["flops"],
+            flops_after=after["flops"],
+            latency=latency,
             seconds={"attribution": round(attribution_s, 2), "search": round(search_s, 2)},
-            dense_identity=dense_identity, scores=scores)
+            dense_identity=dense_identity,
+            scores=scores,
+        )
 
     def score(self, model: nn.Module, datamodule, trainer: L.Trainer | None = None) -> Scores:
         """Attribution over this rank's share of the sample; sums are reduced over ranks under DDP."""
@@ -196,18 +244,28 @@ class SkeletonCallback(Callback):
         batches = itertools.islice(datamodule.attribution_dataloader(), rank, None, world)
         reduce_fn = None
         if world > 1:
+
             def reduce_fn(tensor: torch.Tensor) -> torch.Tensor:
                 return trainer.strategy.reduce(tensor, reduce_op="sum")
+
         opts = asdict(self.attribution)
         max_instances = opts.pop("max_instances")
-        return score_neurons(model, batches, max_instances=-(-max_instances // world), reduce_fn=reduce_fn,
-                             seed=getattr(model.hparams, "seed", 0), **opts)
+        return score_neurons(
+            model,
+            batches,
+            max_instances=-(-max_instances // world),
+            reduce_fn=reduce_fn,
+            seed=getattr(model.hparams, "seed", 0),
+            **opts,
+        )
 
     def _prune_heads(self, backbone: nn.Module, scores: Scores) -> list | None:
         if self.pruning.head_rate <= 0:
             return None
         if scores.heads is None:
-            raise ValueError("skeleton.pruning.head_rate > 0 needs head scores: set skeleton.attribution.heads=true")
+            raise ValueError(
+                "skeleton.pruning.head_rate > 0 needs head scores: set skeleton.attribution.heads=true"
+            )
         keep = select_heads(scores, self.pruning.head_rate, scope=self.pruning.scope)
         prune_heads(backbone, keep)
         return keep
@@ -216,17 +274,31 @@ class SkeletonCallback(Callback):
     def summary(self) -> dict:
         r = self.result
         summary = {
-            "psi": r.psi, "rate": r.rate, "curve": r.curve,
+            "psi": r.psi,
+            "rate": r.rate,
+            "curve": r.curve,
             "pruned": r.pruned,
-            "ffn": {"kept_per_layer": r.widths_after, "total_per_layer": r.widths_before,
-                    "kept_fraction": sum(r.widths_after) / max(sum(r.widths_before), 1)},
+            "ffn": {
+                "kept_per_layer": r.widths_after,
+                "total_per_layer": r.widths_before,
+                "kept_fraction": sum(r.widths_after) / max(sum(r.widths_before), 1),
+            },
             "backbone_params": {"dense": r.params_before, "pruned": r.params_after},
-            "flops": {"dense": r.flops_before, "pruned": r.flops_after,
-                      "ideal_speedup": r.flops_before / max(r.flops_after, 1.0)},
-            "latency": r.latency, "speedup": r.latency.get("speedup"),
-            "seconds": r.seconds, "criterion": self.attribution.criterion,
-            "skeleton_config": {"attribution": asdict(self.attribution), "pruning": asdict(self.pruning),
-                                "search": asdict(self.search), "recovery": asdict(self.recovery)},
+            "flops": {
+                "dense": r.flops_before,
+                "pruned": r.flops_after,
+                "ideal_speedup": r.flops_before / max(r.flops_after, 1.0),
+            },
+            "latency": r.latency,
+            "speedup": r.latency.get("speedup"),
+            "seconds": r.seconds,
+            "criterion": self.attribution.criterion,
+            "skeleton_config": {
+                "attribution": asdict(self.attribution),
+                "pruning": asdict(self.pruning),
+                "search": asdict(self.search),
+                "recovery": asdict(self.recovery),
+            },
         }
         if r.recovered is not None:
             summary["recovered"] = r.recovered
@@ -234,10 +306,14 @@ class SkeletonCallback(Callback):
 
     def log_result(self, trainer: L.Trainer) -> None:
         r = self.result
-        metrics = {"skeleton/rate": r.rate, "skeleton/speedup": r.latency["speedup"],
-                   "skeleton/ffn_kept": float(sum(r.widths_after)),
-                   "skeleton/params_encoder": float(r.params_after.get("encoder", 0)),
-                   "skeleton/attribution_s": r.seconds["attribution"], "skeleton/search_s": r.seconds["search"]}
+        metrics = {
+            "skeleton/rate": r.rate,
+            "skeleton/speedup": r.latency["speedup"],
+            "skeleton/ffn_kept": float(sum(r.widths_after)),
+            "skeleton/params_encoder": float(r.params_after.get("encoder", 0)),
+            "skeleton/attribution_s": r.seconds["attribution"],
+            "skeleton/search_s": r.seconds["search"],
+        }
         for stage in ("dense", "pruned"):
             for split in ("search", "dev"):
                 metrics[f"skeleton/{stage}_{split}"] = r.__dict__[stage][split][r.headline]
@@ -248,15 +324,28 @@ class SkeletonCallback(Callback):
         from skeleton.export import save_skeleton
 
         r = self.result
-        return save_skeleton(model, path, keep_ffn=r.keep_ffn, keep_heads=r.keep_heads,
-                             dense_identity=r.dense_identity,
-                             extra={"rate": r.rate, "psi": r.psi, "headline": r.headline,
-                                    "dev": r.pruned["dev"], "criterion": self.attribution.criterion})
+        return save_skeleton(
+            model,
+            path,
+            keep_ffn=r.keep_ffn,
+            keep_heads=r.keep_heads,
+            dense_identity=r.dense_identity,
+            extra={
+                "rate": r.rate,
+                "psi": r.psi,
+                "headline": r.headline,
+                "dev": r.pruned["dev"],
+                "criterion": self.attribution.criterion,
+            },
+        )
 
 
 def _shape_report(backbone: nn.Module, bench: BenchmarkConfig) -> dict:
-    return {"widths": ffn_widths(backbone), "params": count_parameters(backbone),
-            "flops": float(backbone_flops(backbone, 128))}
+    return {
+        "widths": ffn_widths(backbone),
+        "params": count_parameters(backbone),
+        "flops": float(backbone_flops(backbone, 128)["total"]),
+    }
 
 
 def _printer(trainer: L.Trainer | None):
@@ -264,6 +353,7 @@ def _printer(trainer: L.Trainer | None):
         if trainer is None or trainer.is_global_zero:
             print(f"[skeleton] {message}", flush=True)
             log.info(message)
+
     return say
 
 
@@ -303,14 +393,20 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, datamodule, ben
     was_training = model.training
     model.eval()
     try:
-        timings = measure_latency({"dense": _WithBackbone(model, dense_backbone), "pruned": model}, batch,
-                                  repeats=bench.repeats)
+        timings = measure_latency(
+            {"dense": _WithBackbone(model, dense_backbone), "pruned": model}, batch, repeats=bench.repeats
+        )
     finally:
         model.train(was_training)
     dense_ms, pruned_ms = timings["dense"]["median_ms"], timings["pruned"]["median_ms"]
-    return {"batch_size": int(batch["input_ids"].shape[0]), "seq_len": int(batch["input_ids"].shape[1]),
-            "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / max(pruned_ms, 1e-9),
-            "device": str(next(model.parameters()).device)}
+    return {
+        "batch_size": int(batch["input_ids"].shape[0]),
+        "seq_len": int(batch["input_ids"].shape[1]),
+        "dense_ms": dense_ms,
+        "pruned_ms": pruned_ms,
+        "speedup": dense_ms / max(pruned_ms, 1e-9),
+        "device": str(next(model.parameters()).device),
+    }
 
 
 def recover_prompt(model: nn.Module, loader, cfg: RecoveryConfig) -> None:

@@ -15,8 +15,14 @@ class TaskHead(nn.Module):
     choice row gets one score and padded choices (``choice_mask`` False) get -inf.
     """
 
-    def __init__(self, formulation: str, hidden_size: int, num_labels: int = 2, hidden_dim: int = 0,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        formulation: str,
+        hidden_size: int,
+        num_labels: int = 2,
+        hidden_dim: int = 0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if formulation not in FORMULATIONS:
             raise ValueError(f"unknown formulation {formulation!r}; known: {', '.join(FORMULATIONS)}")
@@ -29,8 +35,9 @@ class TaskHead(nn.Module):
         layers.append(nn.Linear(hidden_size, out))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, pooled: torch.Tensor, num_choices: int = 1,
-                choice_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pooled: torch.Tensor, num_choices: int = 1, choice_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         out = self.net(pooled)
         if self.formulation == "classification":
             return out

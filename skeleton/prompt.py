@@ -7,7 +7,7 @@ mask and positions that cover them. Pooling reads real tokens, never soft ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -35,7 +35,9 @@ class PromptConfig:
         if self.init not in PROMPT_INITS:
             raise ValueError(f"prompt.init={self.init!r} is unknown; choose one of {', '.join(PROMPT_INITS)}")
         if self.init == "text" and not self.init_text:
-            raise ValueError("prompt.init=text needs prompt.init_text='...' (the words to start the prompt from)")
+            raise ValueError(
+                "prompt.init=text needs prompt.init_text='...' (the words to start the prompt from)"
+            )
         if self.num_tokens < 1:
             raise ValueError(f"prompt.num_tokens must be >= 1, got {self.num_tokens}")
 
@@ -93,16 +95,20 @@ class PromptTunedModel(L.LightningModule):
         warmup_ratio: float = 0.06,
         scheduler: str = "linear",
         seed: int = 0,
+        backbone_module: nn.Module | None = None,
     ):
+        """``backbone`` names the weights (hub name, folder, ``demo``, ``tiny:<family>``); pass an
+        already built ``backbone_module`` (e.g. a pruned export) to skip loading by name."""
         super().__init__()
         prompt_cfg = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
-        self.save_hyperparameters({**locals_to_hparams(locals()), "prompt": vars(prompt_cfg)})
+        self.save_hyperparameters(ignore=["prompt", "backbone_module"])
+        self.hparams["prompt"] = asdict(prompt_cfg)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
         self.task = get_task(task)
         self.prompt_cfg = prompt_cfg
         self.backbone_name = backbone
-        self.backbone = load_backbone(backbone, seed=seed)
+        self.backbone = backbone_module if backbone_module is not None else load_backbone(backbone, seed=seed)
         freeze(self.backbone)
         set_dropout(self.backbone, backbone_dropout)
         self.backbone_dropout = backbone_dropout
@@ -196,10 +202,13 @@ class PromptTunedModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        self.log_dict({f"params/{k}": float(v) for k, v in counts.items()}, rank_zero_only=True)
+        for logger in self.trainer.loggers:
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
         if self.trainer.is_global_zero:
-            print(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
-                  f"({100 * counts['trainable'] / counts['total']:.3f}%)")
+            print(
+                f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+                f"({100 * counts['trainable'] / counts['total']:.3f}%)"
+            )
 
     def trainable_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
@@ -216,14 +225,20 @@ class PromptTunedModel(L.LightningModule):
     def configure_optimizers(self):
         groups = [
             {"params": list(self.prompt.parameters()), "lr": self.prompt_cfg.lr, "weight_decay": 0.0},
-            {"params": list(self.head.parameters()), "lr": self.hparams.head_lr,
-             "weight_decay": self.hparams.weight_decay},
+            {
+                "params": list(self.head.parameters()),
+                "lr": self.hparams.head_lr,
+                "weight_decay": self.hparams.weight_decay,
+            },
         ]
         optimizer = torch.optim.AdamW(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_scheduler(self.hparams.scheduler, optimizer,
-                                  num_warmup_steps=int(self.hparams.warmup_ratio * total),
-                                  num_training_steps=total)
+        scheduler = get_scheduler(
+            self.hparams.scheduler,
+            optimizer,
+            num_warmup_steps=int(self.hparams.warmup_ratio * total),
+            num_training_steps=total,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints: what was trained, plus the backbone's identity ----------------------------
@@ -239,7 +254,3 @@ class PromptTunedModel(L.LightningModule):
 
 def _cpu(batch: dict) -> dict:
     return {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def locals_to_hparams(values: dict) -> dict:
-    return {k: v for k, v in values.items() if k not in ("self", "__class__", "prompt")}

@@ -69,19 +69,25 @@ def write_summary(run_dir: str | Path, summary: dict) -> Path:
 def record_failure(run_dir: str | Path, error: BaseException) -> Path:
     """Keep the traceback beside the run so a sweep can carry on and the failure stays visible."""
     path = Path(run_dir) / ERROR
-    write_json_atomic(path, {
-        "type": type(error).__name__,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
-    })
+    write_json_atomic(
+        path,
+        {
+            "type": type(error).__name__,
+            "message": str(error),
+            "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        },
+    )
     return path
 
 
 def config_hash(config: dict, exclude: tuple[str, ...] = ()) -> str:
     """Stable hash of a (nested) config, minus dotted keys in ``exclude``: names caches and reuse."""
+
     def strip(node: Any, prefix: str) -> Any:
         if isinstance(node, dict):
-            return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items()) if f"{prefix}{k}" not in exclude}
+            return {
+                k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items()) if f"{prefix}{k}" not in exclude
+            }
         if isinstance(node, list):
             return [strip(v, prefix) for v in node]
         return node

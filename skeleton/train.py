@@ -1,8 +1,8 @@
 """Hydra entry point: compose, instantiate, prompt-tune, (localize + prune), test, write the summary.
 
-    skeleton-train experiment=quickstart
-    skeleton-train task=rte model=minilm skeleton.psi=0.02 seed=1
-    skeleton-train -m task=sst2,rte skeleton.psi=0.01,0.02      # a sweep; reruns skip finished runs
+skeleton-train experiment=quickstart
+skeleton-train task=rte model=minilm skeleton.psi=0.02 seed=1
+skeleton-train -m task=sst2,rte skeleton.psi=0.01,0.02      # a sweep; reruns skip finished runs
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from skeleton import runs  # noqa: E402
+from skeleton import runs
+from skeleton.callback import SkeletonCallback
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -60,8 +61,6 @@ def run_tags(cfg: DictConfig) -> list[str]:
 def build_callbacks(cfg: DictConfig) -> list:
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     if cfg.get("skeleton") and cfg.skeleton.get("enabled", False):
-        from skeleton.callback import SkeletonCallback
-
         callbacks.append(SkeletonCallback.from_config(cfg.skeleton))
     return callbacks
 
@@ -79,17 +78,26 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.module)
     callbacks = build_callbacks(cfg)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir),
-                          default_root_dir=str(run_dir))
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir)
+    )
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
-    test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    search_scores = stage_metrics(trainer.callback_metrics, "val")
 
-    summary = base_summary(cfg, model, trainer, run_dir, fit_seconds, test_metrics)
-    skeleton = next((c for c in callbacks if hasattr(c, "summary")), None)
-    if skeleton is not None and skeleton.result is not None:
+    skeleton = next((c for c in callbacks if isinstance(c, SkeletonCallback)), None)
+    pruned = skeleton is not None and skeleton.result is not None
+    best = "best" if not pruned and getattr(trainer.checkpoint_callback, "best_model_path", "") else None
+    dev_scores = stage_metrics(
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "test"
+    )
+
+    summary = base_summary(cfg, model, trainer, run_dir, fit_seconds)
+    summary["dense"] = {"search": search_scores, "dev": dev_scores}
+    if pruned:
         summary.update(skeleton.summary())
+        summary["dense"] = skeleton.result.dense  # measured on the restored best prompt, before pruning
         if cfg.get("save_artifact", True):
             summary["artifact"] = str(skeleton.save_artifact(model, run_dir / "skeleton"))
     if trainer.is_global_zero:
@@ -98,9 +106,18 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float, test_metrics: dict) -> dict:
+def stage_metrics(metrics: dict, stage: str) -> dict[str, float]:
+    """``{"val/accuracy": t}`` -> ``{"accuracy": 0.9}`` for one stage, without the loss."""
+    prefix = f"{stage}/"
+    return {
+        k[len(prefix) :]: float(v)
+        for k, v in metrics.items()
+        if k.startswith(prefix) and k != f"{prefix}loss"
+    }
+
+
+def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float) -> dict:
     task = model.task
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     steps = max(trainer.global_step, 1)
     return {
         "task": task.name,
@@ -111,13 +128,13 @@ def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float, test_me
         "sweep": cfg.get("sweep_name"),
         "headline_metric": task.headline,
         "run_dir": str(run_dir),
-        "dense": {
-            "search": {k[len("val/"):]: v for k, v in metrics.items() if k != "val/loss"},
-            "dev": {k[len("test/"):]: float(v) for k, v in test_metrics.items() if k != "test/loss"},
-        },
         "params": model.parameter_counts(),
-        "train": {"seconds": round(fit_seconds, 2), "steps": trainer.global_step,
-                  "epochs": trainer.current_epoch, "seconds_per_step": round(fit_seconds / steps, 4)},
+        "train": {
+            "seconds": round(fit_seconds, 2),
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "seconds_per_step": round(fit_seconds / steps, 4),
+        },
     }
 
 

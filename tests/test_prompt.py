@@ -11,10 +11,15 @@ def make_batch(rows=3, length=7, pad_last=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 2000, (rows, length), generator=gen)
     mask = torch.ones(rows, length, dtype=torch.long)
-    mask[-1, length - pad_last:] = 0
-    ids[-1, length - pad_last:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-            "labels": torch.tensor([0, 1, 0][:rows]), "num_choices": 1}
+    mask[-1, length - pad_last :] = 0
+    ids[-1, length - pad_last :] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.tensor([0, 1, 0][:rows]),
+        "num_choices": 1,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +96,16 @@ def test_mean_pooling_ignores_prompt_and_padding(model):
     batch = make_batch()
     hidden = torch.randn(3, 4 + 7, 32)
     pooled = model.pool(hidden, batch)
-    assert torch.allclose(pooled[2], hidden[2, 4:4 + 5].mean(0), atol=1e-6)
+    assert torch.allclose(pooled[2], hidden[2, 4 : 4 + 5].mean(0), atol=1e-6)
 
 
 def test_backbone_dropout_is_off_by_default_and_configurable():
     quiet = PromptTunedModel(backbone="tiny:bert", task="sst2", prompt={"num_tokens": 2})
     quiet.train()
     assert not quiet.backbone.training
-    noisy = PromptTunedModel(backbone="tiny:bert", task="sst2", prompt={"num_tokens": 2}, backbone_dropout=0.3)
+    noisy = PromptTunedModel(
+        backbone="tiny:bert", task="sst2", prompt={"num_tokens": 2}, backbone_dropout=0.3
+    )
     noisy.train()
     assert noisy.backbone.training
     assert {m.p for m in noisy.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
@@ -115,9 +122,9 @@ def test_prompt_inits(init):
 
 
 def test_bad_prompt_and_pooling_are_named():
-    with pytest.raises(ValueError, match="prompt.init_text"):
+    with pytest.raises(ValueError, match=r"prompt\.init_text"):
         PromptConfig(init="text")
-    with pytest.raises(ValueError, match="prompt.init='nope'"):
+    with pytest.raises(ValueError, match=r"prompt\.init='nope'"):
         PromptConfig(init="nope")
     with pytest.raises(ValueError, match="pooling='max'"):
         PromptTunedModel(backbone="tiny:bert", task="sst2", pooling="max")

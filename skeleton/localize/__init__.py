@@ -1,0 +1,73 @@
+"""Find a task's neurons in a frozen transformer and prune the rest (no Lightning inside: usable anywhere).
+
+score_neurons -> Scores -> select_neurons(rate) -> masked(...) for the rate search -> prune_ffn in place.
+"""
+
+from .arch import (
+    Adapter,
+    AttentionParts,
+    LayerParts,
+    UnsupportedArchitectureError,
+    count_parameters,
+    ffn_widths,
+    get_adapter,
+    get_layers,
+    heads_per_layer,
+    layer_parts,
+    register_adapter,
+    supported_model_types,
+)
+from .attribution import (
+    CRITERIA,
+    MAGNITUDES,
+    TARGETS,
+    TOKEN_AGGS,
+    ScoreAccumulator,
+    Scores,
+    magnitude_scores,
+    random_scores,
+    score_neurons,
+    task_target,
+)
+from .masks import NeuronMask, apply_ffn_mask, apply_head_mask, as_keep_mask, masked
+from .prune import backbone_flops, prune_ffn, prune_heads, resize_to_widths, select_heads, select_neurons
+from .search import SearchResult, masked_evaluator, search_pruning_rate
+
+__all__ = [
+    "CRITERIA",
+    "MAGNITUDES",
+    "TARGETS",
+    "TOKEN_AGGS",
+    "Adapter",
+    "AttentionParts",
+    "LayerParts",
+    "NeuronMask",
+    "ScoreAccumulator",
+    "Scores",
+    "SearchResult",
+    "UnsupportedArchitectureError",
+    "apply_ffn_mask",
+    "apply_head_mask",
+    "as_keep_mask",
+    "backbone_flops",
+    "count_parameters",
+    "ffn_widths",
+    "get_adapter",
+    "get_layers",
+    "heads_per_layer",
+    "layer_parts",
+    "magnitude_scores",
+    "masked",
+    "masked_evaluator",
+    "prune_ffn",
+    "prune_heads",
+    "random_scores",
+    "register_adapter",
+    "resize_to_widths",
+    "score_neurons",
+    "search_pruning_rate",
+    "select_heads",
+    "select_neurons",
+    "supported_model_types",
+    "task_target",
+]

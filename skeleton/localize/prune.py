@@ -1,0 +1,207 @@
+"""Choose the neurons to keep, and remove the others from the weights in place.
+
+`select_neurons` turns scores into kept indices; `prune_ffn` / `prune_heads` slice the projections so the
+pruned model is genuinely smaller and faster (not a masked dense one); `resize_to_widths` rebuilds those
+shapes on a fresh dense backbone so a saved pruned state dict can be loaded; `backbone_flops` gives the
+analytic cost to report the ideal speedup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .arch import get_adapter, in_features, layer_parts, out_features, slice_in, slice_out
+from .masks import as_keep_mask
+
+SCOPES = ("global", "layer")
+
+
+def _n_drop(rate: float, n: int) -> int:
+    # floor, with a little slack so that 0.29 * 100 (= 28.999999999999996) drops 29, not 28.
+    return min(n, math.floor(rate * n + 1e-6))
+
+
+def _layer_scores(scores, attr: str) -> list[torch.Tensor]:
+    if hasattr(scores, attr):
+        scores = getattr(scores, attr)
+        if scores is None:
+            raise ValueError(f"the Scores have no '{attr}' scores (score with heads=True)")
+    out = [torch.as_tensor(s).detach().double().cpu().view(-1) for s in scores]
+    return [torch.nan_to_num(s, nan=-math.inf) for s in out]  # a NaN score is ranked lowest
+
+
+def _select(
+    layer_scores: list[torch.Tensor], rate: float, scope: str, min_per_layer: int, round_to: int
+) -> list[torch.Tensor]:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if min_per_layer < 0 or round_to < 1:
+        raise ValueError("min_per_layer must be >= 0 and round_to >= 1")
+    widths = [len(s) for s in layer_scores]
+    if scope == "global":
+        flat = torch.cat(layer_scores) if layer_scores else torch.zeros(0, dtype=torch.float64)
+        keep = torch.ones(len(flat), dtype=torch.bool)
+        keep[torch.argsort(flat, stable=True)[: _n_drop(rate, len(flat))]] = False
+        keeps = list(keep.split(widths))
+    else:
+        keeps = []
+        for s in layer_scores:
+            k = torch.ones(len(s), dtype=torch.bool)
+            k[torch.argsort(s, stable=True)[: _n_drop(rate, len(s))]] = False
+            keeps.append(k)
+    out = []
+    for s, k in zip(layer_scores, keeps):
+        k, n, w = k.clone(), int(k.sum()), len(s)
+        target = max(n, min(min_per_layer, w))
+        target = min(w, math.ceil(target / round_to) * round_to)
+        if target > n:  # add back the best-scoring dropped neurons of this layer
+            order = torch.argsort(s.masked_fill(k, -math.inf), descending=True, stable=True)
+            k[order[: target - n]] = True
+        out.append(k.nonzero().view(-1))
+    return out
+
+
+def select_neurons(
+    scores, rate: float, *, scope: str = "global", min_per_layer: int = 0, round_to: int = 1
+) -> list[torch.Tensor]:
+    """Sorted kept FFN neuron indices per layer after dropping the lowest-scoring `rate` fraction.
+
+    scores: a `Scores` (its `.ffn` is used) or a list of per-layer 1-D score tensors.
+    scope="global" (default) ranks all neurons of all layers together and drops floor(rate * total): layers
+        hold very different numbers of task neurons, and on MiniLM + SST-2 at psi = 1 point global ranking
+        pruned 49% with no dev loss against 25% for the same rate in every layer. scope="layer" drops
+        floor(rate * width) in each layer.
+    min_per_layer: floor on each layer's kept width (capped at the width); 0 lets a layer vanish, which the
+        pruned model handles (the FFN then outputs its down-projection bias).
+    round_to: round each kept width UP to a multiple (e.g. 8 or 64 for tensor-core friendly GEMMs), never
+        above the layer width. Floor and rounding add back the best-scoring dropped neurons of that layer,
+        so the realised rate can be a little below `rate`.
+    Ties are broken by position (earlier layer / lower index dropped first); NaN scores rank lowest.
+    """
+    return _select(_layer_scores(scores, "ffn"), rate, scope, min_per_layer, round_to)
+
+
+def select_heads(
+    scores, rate: float, *, scope: str = "global", min_per_layer: int = 1, round_to: int = 1
+) -> list[torch.Tensor]:
+    """Like `select_neurons` for attention heads (`Scores.heads`). The floor defaults to 1 head per layer
+    because the attention forward of every supported family cannot run with zero heads."""
+    return _select(_layer_scores(scores, "heads"), rate, scope, min_per_layer, round_to)
+
+
+def _as_indices(keep: torch.Tensor | None, width: int) -> torch.Tensor:
+    return as_keep_mask(keep, width).nonzero().view(-1)
+
+
+def _check_len(keep: Sequence, n: int, what: str) -> None:
+    if len(keep) != n:
+        raise ValueError(f"{what} has {len(keep)} entries but the backbone has {n} layers")
+
+
+@torch.no_grad()
+def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[int]:
+    """Remove the FFN neurons not in `keep` (per layer: kept indices, a bool mask, or None = all), in place.
+
+    Slices the up (and gate) projection's output rows and bias and the down projection's input columns,
+    replacing them by new smaller Parameters with the same dtype, device and requires_grad (an optimizer
+    built before pruning holds stale references: build it after). Layers that keep everything are not
+    touched, so rate 0 is bit-identical. Records the widths on `backbone.config.skeleton_ffn_widths` so an
+    export can rebuild the shapes with `resize_to_widths`. Returns the new widths.
+    """
+    parts = layer_parts(backbone)
+    _check_len(keep, len(parts), "keep")
+    for p, k in zip(parts, keep):
+        idx = _as_indices(k, p.ffn_width)
+        if len(idx) == p.ffn_width:
+            continue
+        slice_out(p.up, idx)
+        if p.gate is not None:
+            slice_out(p.gate, idx)
+        slice_in(p.down, idx)
+    widths = [p.ffn_width for p in parts]
+    backbone.config.skeleton_ffn_widths = widths
+    return widths
+
+
+@torch.no_grad()
+def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) -> list[int]:
+    """Remove the attention heads not in `keep_heads`, in place: q/k/v output rows (+bias) and the output
+    projection's input columns, and the head-count attributes the attention forward reads.
+
+    Supported: BERT/RoBERTa/ELECTRA, DeBERTa-v2 (incl. relative-position projections), DistilBERT, GPT-2
+    (fused c_attn), and LLaMA-family models without grouped-query attention; GQA raises
+    NotImplementedError. Every layer must keep at least one head (ValueError otherwise): the attention
+    forward reshapes with -1 heads and cannot run on zero; `select_heads` floors at 1 for this reason.
+    Records `backbone.config.skeleton_heads_per_layer`. Returns the new head counts.
+    """
+    adapter = get_adapter(backbone)
+    parts = layer_parts(backbone)
+    _check_len(keep_heads, len(parts), "keep_heads")
+    todo = []
+    for i, (p, k) in enumerate(zip(parts, keep_heads)):
+        idx = _as_indices(k, p.attn.num_heads)
+        if len(idx) == 0:
+            raise ValueError(f"layer {i} keeps no attention head; keep at least one per layer")
+        if len(idx) < p.attn.num_heads:
+            todo.append((p, idx))
+    if todo and adapter.prune_heads is None:
+        raise NotImplementedError(f"head pruning is not implemented for {backbone.config.model_type}")
+    for p, idx in todo:
+        adapter.prune_heads(p.attn, idx)
+    heads = [p.attn.num_heads for p in parts]
+    backbone.config.skeleton_heads_per_layer = heads
+    return heads
+
+
+def resize_to_widths(
+    backbone: nn.Module, widths: Sequence[int] | None = None, heads: Sequence[int] | None = None
+) -> None:
+    """Shrink a freshly built dense backbone to the given FFN widths / head counts, so that the state dict
+    of a pruned model loads into it (`load_state_dict` then overwrites every value). `widths` / `heads`
+    default to `config.skeleton_ffn_widths` / `config.skeleton_heads_per_layer` when present.
+
+    The kept channels are simply the first ones: their values are placeholders until the load.
+    """
+    cfg = backbone.config
+    widths = widths if widths is not None else getattr(cfg, "skeleton_ffn_widths", None)
+    heads = heads if heads is not None else getattr(cfg, "skeleton_heads_per_layer", None)
+    parts = layer_parts(backbone)
+    if widths is not None:
+        _check_len(widths, len(parts), "widths")
+        for w, p in zip(widths, parts):
+            if not 0 <= w <= p.ffn_width:
+                raise ValueError(f"width {w} not in [0, {p.ffn_width}]")
+        prune_ffn(backbone, [torch.arange(w) for w in widths])
+    if heads is not None:
+        _check_len(heads, len(parts), "heads")
+        for h, p in zip(heads, parts):
+            if not 1 <= h <= p.attn.num_heads:
+                raise ValueError(f"head count {h} not in [1, {p.attn.num_heads}]")
+        prune_heads(backbone, [torch.arange(h) for h in heads])
+
+
+def _proj_flops(m: nn.Module | None, tokens: int) -> int:
+    return 0 if m is None else 2 * tokens * in_features(m) * out_features(m)
+
+
+def backbone_flops(backbone: nn.Module, seq_len: int) -> dict[str, int]:
+    """Analytic forward FLOPs (2 per multiply-add) of the transformer layers for one sequence of `seq_len`
+    tokens, from the current (possibly pruned) shapes: `attention` (q/k/v and output projections plus the
+    QK^T and AV products, counted in full even for causal models), `ffn` (up, gate, down) and `total`.
+    Embeddings, norms, activations and the task head are left out: they do not change with pruning.
+    dense_total / pruned_total is the ideal speedup.
+    """
+    t = seq_len
+    attn = ffn = 0
+    for p in layer_parts(backbone):
+        a = p.attn
+        attn += sum(_proj_flops(m, t) for m in (a.q, a.k, a.v, a.qkv, a.out))
+        attn += 2 * 2 * t * t * a.num_heads * a.head_dim
+        ffn += _proj_flops(p.up, t) + _proj_flops(p.gate, t) + _proj_flops(p.down, t)
+    return {"attention": attn, "ffn": ffn, "total": attn + ffn}

@@ -1,0 +1,53 @@
+"""Whole runs on tiny random backbones: a real Trainer fit, the Skeleton callback, the run folder."""
+
+import json
+
+import pytest
+
+from skeleton import runs
+from skeleton.train import train
+from tests.helpers import compose_config
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-roberta"])
+def test_prompt_tuning_run_leaves_a_complete_run_folder(model, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config([f"model={model}", "skeleton=off"], run_dir=run_dir)
+    summary = train(cfg)
+    on_disk = json.loads((run_dir / runs.SUMMARY).read_text())
+    assert on_disk["status"] == runs.COMPLETE
+    assert on_disk["task"] == "sst2" and on_disk["headline_metric"] == "accuracy"
+    assert 0.0 <= on_disk["dense"]["dev"]["accuracy"] <= 1.0
+    assert on_disk["train"]["steps"] == 4
+    assert summary["dense"] == on_disk["dense"]
+    assert (run_dir / "config.yaml").exists()
+    assert list(run_dir.glob("csv/**/metrics.csv")), "per-epoch metrics missing"
+    assert "pruned" not in on_disk
+
+
+def test_skeleton_run_prunes_and_reports(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["skeleton.psi=100"], run_dir=run_dir)  # any drop allowed: the search goes far
+    summary = train(cfg)
+    assert summary["rate"] >= 0.5
+    kept, total = summary["ffn"]["kept_per_layer"], summary["ffn"]["total_per_layer"]
+    assert sum(kept) < sum(total) == 2 * 64
+    assert summary["backbone_params"]["pruned"]["total"] < summary["backbone_params"]["dense"]["total"]
+    assert summary["flops"]["pruned"] < summary["flops"]["dense"]
+    assert summary["speedup"] > 0 and summary["curve"][0] == [0.0, summary["dense"]["search"]["accuracy"]]
+    assert (run_dir / "skeleton" / "skeleton.json").exists()
+
+
+def test_completed_run_is_skipped(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["skeleton=off"], run_dir=run_dir)
+    first = train(cfg)
+    monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("reran a finished run"))
+    assert train(cfg) == runs.read_summary(run_dir)
+    assert first["dense"] == runs.read_summary(run_dir)["dense"]
+
+
+def test_impossible_margin_is_refused(tmp_path):
+    cfg = compose_config(["skeleton.psi=-1"], run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="psi"):
+        train(cfg)
