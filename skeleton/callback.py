@@ -124,6 +124,7 @@ class SkeletonCallback(Callback):
         self.benchmark = benchmark or BenchmarkConfig()
         self.restore_best = restore_best
         self.result: SkeletonResult | None = None
+        self.cache = None  # a skeleton.reuse.PromptCache: share prompt + scores across margins
 
     @classmethod
     def from_config(cls, cfg) -> SkeletonCallback:
@@ -144,6 +145,8 @@ class SkeletonCallback(Callback):
             return
         if self.restore_best:
             restore_best_prompt(trainer, pl_module)
+        if self.cache is not None and trainer.is_global_zero:
+            self.cache.save_prompt(pl_module, {"steps": trainer.global_step, "epochs": trainer.current_epoch})
         self.result = self.localize(pl_module, trainer.datamodule, trainer)
         self.log_result(trainer)
 
@@ -158,7 +161,11 @@ class SkeletonCallback(Callback):
         dense_identity = model.backbone_identity()
 
         started = time.perf_counter()
-        scores = self.score(model, datamodule, trainer)
+        scores = self.cache.load_scores() if self.cache is not None else None
+        if scores is None:
+            scores = self.score(model, datamodule, trainer)
+            if self.cache is not None and (trainer is None or trainer.is_global_zero):
+                self.cache.save_scores(scores)
         attribution_s = time.perf_counter() - started
         say(
             f"attribution ({self.attribution.criterion}) over {scores.num_instances} instances: "
@@ -387,8 +394,7 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, datamodule, ben
     from skeleton.bench import measure_latency
     from skeleton.evaluate import to_device
 
-    batch = next(iter(datamodule.dev_dataloader()))
-    batch = {k: v[: bench.batch_size] if torch.is_tensor(v) and v.dim() else v for k, v in batch.items()}
+    batch = first_examples(next(iter(datamodule.dev_dataloader())), bench.batch_size)
     batch = to_device(batch, next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -407,6 +413,20 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, datamodule, ben
         "speedup": dense_ms / max(pruned_ms, 1e-9),
         "device": str(next(model.parameters()).device),
     }
+
+
+def first_examples(batch: dict, n: int) -> dict:
+    """The first ``n`` examples of a batch: ``n * num_choices`` backbone rows, ``n`` labels."""
+    rows = batch["input_ids"].shape[0]
+    choices = batch.get("num_choices", 1)
+    keep = {rows: n * choices, rows // choices: n}
+
+    def cut(value):
+        if torch.is_tensor(value) and value.dim() and value.shape[0] in keep:
+            return value[: keep[value.shape[0]]]
+        return value
+
+    return {k: cut(v) for k, v in batch.items()}
 
 
 def recover_prompt(model: nn.Module, loader, cfg: RecoveryConfig) -> None:

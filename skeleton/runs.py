@@ -80,6 +80,18 @@ def record_failure(run_dir: str | Path, error: BaseException) -> Path:
     return path
 
 
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A sweep run's folder name: the overrides when short, else a readable prefix + a stable hash.
+
+    Deterministic, so a rerun of the same sweep finds the same folders (and skips finished runs).
+    """
+    name = name or "default"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return f"{name[: limit - 13]}~{digest}"
+
+
 def config_hash(config: dict, exclude: tuple[str, ...] = ()) -> str:
     """Stable hash of a (nested) config, minus dotted keys in ``exclude``: names caches and reuse."""
 
@@ -106,3 +118,46 @@ def wandb_mode(requested: str = "auto") -> str:
     if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return "online"
     return "offline"
+
+
+def log_to_wandb(experiment, summary: dict, artifact_dir: str | Path | None = None) -> None:
+    """Make a run comparable in a dashboard without manual work.
+
+    The whole summary goes into the run config (``skeleton_summary``, which ``skeleton-tables
+    --wandb`` reads back); the pruning curve becomes a table with a line plot; the neurons kept per
+    layer an image; the skeleton an artifact (offline runs upload it with ``wandb sync``).
+    """
+    import wandb
+
+    experiment.config.update({"skeleton_summary": summary}, allow_val_change=True)
+    if "curve" not in summary:
+        return
+    title = f"{summary['task']} pruning curve (search split, {summary['headline_metric']})"
+    table = wandb.Table(data=[list(point) for point in summary["curve"]], columns=["rate", "score"])
+    logged = {"skeleton/curve": wandb.plot.line(table, "rate", "score", title=title)}
+    image = kept_per_layer_image(summary)
+    if image is not None:
+        logged["skeleton/kept_per_layer"] = wandb.Image(image)
+    experiment.log(logged)
+    if artifact_dir and Path(artifact_dir).exists():
+        name = f"skeleton-{summary['task']}-{summary['model']}-s{summary['seed']}-psi{summary['psi']}"
+        artifact = wandb.Artifact(name.replace("/", "-"), type="skeleton", metadata={"rate": summary["rate"]})
+        artifact.add_dir(str(artifact_dir))
+        experiment.log_artifact(artifact)
+
+
+def kept_per_layer_image(summary: dict):
+    """A bar chart of the FFN neurons kept in each layer, or None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    kept, total = summary["ffn"]["kept_per_layer"], summary["ffn"]["total_per_layer"]
+    fig = Figure(figsize=(max(3.0, 0.5 * len(kept)), 2.5))
+    ax = fig.add_subplot()
+    ax.bar(range(len(total)), total, color="#dddddd", label="dense")
+    ax.bar(range(len(kept)), kept, color="#3b75af", label="kept")
+    ax.set(xlabel="layer", ylabel="FFN neurons", title=f"{summary['task']}: rate {summary['rate']:.2f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

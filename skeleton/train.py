@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,12 +19,17 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from skeleton import runs
 from skeleton.callback import SkeletonCallback
+from skeleton.reuse import PromptCache
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(ROOT / "conf")
+OmegaConf.register_new_resolver("skeleton_root", lambda: str(ROOT), replace=True)
+OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -36,6 +42,8 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
         node = OmegaConf.to_container(node, resolve=True)
         if name == "wandb":
             mode = runs.wandb_mode(node.pop("mode", "auto"))
@@ -59,7 +67,8 @@ def run_tags(cfg: DictConfig) -> list[str]:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    # A callback set to null in an experiment (e.g. early_stopping: null) is switched off.
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     if cfg.get("skeleton") and cfg.skeleton.get("enabled", False):
         callbacks.append(SkeletonCallback.from_config(cfg.skeleton))
     return callbacks
@@ -81,19 +90,30 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir)
     )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - started
-    search_scores = stage_metrics(trainer.callback_metrics, "val")
-
     skeleton = next((c for c in callbacks if isinstance(c, SkeletonCallback)), None)
+    cache = PromptCache(cfg, cfg.paths.cache_dir) if skeleton is not None and cfg.get("reuse", True) else None
+    if skeleton is not None:
+        skeleton.cache = cache
+
+    with cache.lock() if cache is not None else nullcontext():
+        if cache is not None and cache.has_prompt():
+            train_info = reuse_prompt(cache, model, datamodule, trainer, skeleton)
+            search_scores = skeleton.result.dense["search"]
+        else:
+            started = time.perf_counter()
+            trainer.fit(model, datamodule=datamodule)
+            train_info = train_stats(trainer, time.perf_counter() - started)
+            search_scores = stage_metrics(trainer.callback_metrics, "val")
+            if cache is not None and cache.has_prompt():
+                cache.update_meta({"train": train_info})
+
     pruned = skeleton is not None and skeleton.result is not None
     best = "best" if not pruned and getattr(trainer.checkpoint_callback, "best_model_path", "") else None
     dev_scores = stage_metrics(
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "test"
     )
 
-    summary = base_summary(cfg, model, trainer, run_dir, fit_seconds)
+    summary = base_summary(cfg, model, run_dir, train_info)
     summary["dense"] = {"search": search_scores, "dev": dev_scores}
     if pruned:
         summary.update(skeleton.summary())
@@ -116,9 +136,28 @@ def stage_metrics(metrics: dict, stage: str) -> dict[str, float]:
     }
 
 
-def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float) -> dict:
+def train_stats(trainer, seconds: float) -> dict:
+    steps = trainer.global_step
+    return {
+        "seconds": round(seconds, 2),
+        "steps": steps,
+        "epochs": trainer.current_epoch,
+        "seconds_per_step": round(seconds / max(steps, 1), 4),
+    }
+
+
+def reuse_prompt(cache: PromptCache, model, datamodule, trainer, skeleton: SkeletonCallback) -> dict:
+    """Skip training: load the converged prompt (and scores, if cached) and run the Skeleton step."""
+    meta = cache.load_prompt(model)
+    print(f"reusing the converged prompt {cache.prompt_key} from {cache.folder} (no training)")
+    datamodule.setup("fit")
+    skeleton.result = skeleton.localize(model, datamodule, trainer)
+    skeleton.log_result(trainer)
+    return {**meta.get("train", {}), "reused_prompt": cache.prompt_key}
+
+
+def base_summary(cfg, model, run_dir: Path, train_info: dict) -> dict:
     task = model.task
-    steps = max(trainer.global_step, 1)
     return {
         "task": task.name,
         "benchmark": task.benchmark,
@@ -129,12 +168,7 @@ def base_summary(cfg, model, trainer, run_dir: Path, fit_seconds: float) -> dict
         "headline_metric": task.headline,
         "run_dir": str(run_dir),
         "params": model.parameter_counts(),
-        "train": {
-            "seconds": round(fit_seconds, 2),
-            "steps": trainer.global_step,
-            "epochs": trainer.current_epoch,
-            "seconds_per_step": round(fit_seconds / steps, 4),
-        },
+        "train": train_info,
     }
 
 
@@ -150,6 +184,8 @@ def log_summary(trainer, summary: dict) -> None:
             flat[f"summary/{key}"] = summary[key]
     for logger in trainer.loggers:
         logger.log_metrics(flat, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):
+            runs.log_to_wandb(logger.experiment, summary, summary.get("artifact"))
         logger.finalize("success")
 
 

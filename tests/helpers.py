@@ -9,24 +9,7 @@ from skeleton.train import CONFIG_DIR
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-TINY = [
-    "model=tiny-bert",
-    f"paths.data_dir={FIXTURES}",
-    "logger=csv",
-    "callbacks=minimal",
-    "trainer.max_steps=4",
-    "trainer.max_epochs=10",
-    "trainer.val_check_interval=1.0",
-    "trainer.log_every_n_steps=1",
-    "data.batch_size=4",
-    "data.eval_batch_size=8",
-    "data.search_size=3",
-    "prompt.num_tokens=3",
-    "skeleton.attribution.max_instances=8",
-    "skeleton.search.granularity=0.25",
-    "skeleton.benchmark.repeats=2",
-    "skeleton.benchmark.batch_size=4",
-]
+TINY = ["experiment=tiny"]  # conf/experiment/tiny.yaml: tiny BERT, fixtures, few steps
 
 
 def compose_config(overrides: list[str] = (), run_dir: Path | None = None, tiny: bool = True) -> DictConfig:

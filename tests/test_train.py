@@ -51,3 +51,37 @@ def test_impossible_margin_is_refused(tmp_path):
     cfg = compose_config(["skeleton.psi=-1"], run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="psi"):
         train(cfg)
+
+
+def test_second_margin_reuses_prompt_and_scores(tmp_path, monkeypatch):
+    first = train(compose_config(["skeleton.psi=100"], run_dir=tmp_path / "psi100"))
+    assert "reused_prompt" not in first["train"]
+
+    import lightning
+
+    from skeleton.callback import SkeletonCallback
+
+    monkeypatch.setattr(lightning.Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(SkeletonCallback, "score", lambda *a, **k: pytest.fail("scored again"))
+    second = train(compose_config(["skeleton.psi=0"], run_dir=tmp_path / "psi0"))
+    assert second["train"]["reused_prompt"]
+    assert second["train"]["steps"] == first["train"]["steps"]
+    assert second["dense"] == first["dense"]
+    assert second["psi"] == 0 and second["rate"] <= first["rate"]
+
+
+def test_changing_the_prompt_config_does_not_reuse(tmp_path):
+    train(compose_config(["skeleton.psi=100"], run_dir=tmp_path / "a"))
+    other = train(compose_config(["skeleton.psi=100", "seed=1"], run_dir=tmp_path / "b"))
+    assert "reused_prompt" not in other["train"]
+
+
+@pytest.mark.parametrize("task", ["stsb", "copa", "record", "multirc", "wic", "cb", "cola", "mnli"])
+def test_every_formulation_trains_and_prunes(task, tmp_path):
+    """Regression, two-choice, candidate ranking, grouped answers, spans, 3 classes, MCC, MNLI."""
+    summary = train(
+        compose_config([f"task={task}", "skeleton.psi=100", "data.search_size=2"], run_dir=tmp_path / "run")
+    )
+    headline = summary["headline_metric"]
+    assert headline in summary["dense"]["dev"] and headline in summary["pruned"]["dev"]
+    assert sum(summary["ffn"]["kept_per_layer"]) < sum(summary["ffn"]["total_per_layer"])

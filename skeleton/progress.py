@@ -1,0 +1,48 @@
+"""Progress that reads well both in a terminal (a Rich bar) and in a log file (one line every N steps)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+
+class LineProgress(ProgressBar):
+    """One line every ``every`` steps with loss, speed and ETA: readable in CI, SLURM and nohup logs."""
+
+    def __init__(self, every: int = 50):
+        super().__init__()
+        self.every = every
+        self._enabled = True
+        self._started = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self._enabled or not trainer.is_global_zero or step % self.every:
+            return
+        per_step = (time.perf_counter() - self._started) / max(step, 1)
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        loss = trainer.callback_metrics.get("train/loss")
+        eta = f", eta {per_step * (total - step) / 60:.1f} min" if total and total != float("inf") else ""
+        loss_text = f" loss {float(loss):.4f}" if loss is not None else ""
+        print(f"step {step}/{total}{loss_text} ({per_step:.2f} s/step{eta})", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        score = trainer.callback_metrics.get("val/score")
+        if self._enabled and trainer.is_global_zero and score is not None and not trainer.sanity_checking:
+            print(f"step {trainer.global_step}: search-split score {float(score):.4f}", flush=True)
+
+
+def progress_bar(every: int = 50) -> ProgressBar:
+    """A Rich bar in a terminal, plain lines otherwise (a Rich bar prints nothing into a log file)."""
+    return RichProgressBar() if sys.stdout.isatty() else LineProgress(every)

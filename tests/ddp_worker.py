@@ -1,0 +1,119 @@
+"""Two-process CPU DDP fit with the Skeleton callback; every rank writes what it ended with.
+
+Run by tests/test_ddp.py as ``python -m tests.ddp_worker OUT`` from the repository root. Lightning's
+subprocess launcher re-runs this same command for rank 1 (LOCAL_RANK=1 in its environment), so the two
+processes share nothing but the gloo process group. Each rank writes:
+
+  OUT/rank{r}.safetensors  the whole module state after pruning (backbone.* included), prefixed "model.";
+                           the reduced scores the callback pruned by, prefixed "scores."; and the scores this
+                           rank computes alone on its own shard, without any reduction, prefixed "local."
+  OUT/rank{r}.json         widths, rate, search curve, evaluations, kept indices, how the loaders looked
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from skeleton.callback import SkeletonCallback  # noqa: E402
+from skeleton.localize import Scores, score_neurons  # noqa: E402
+from tests.helpers import compose_config  # noqa: E402
+
+WORLD = 2
+# psi=100: any drop is allowed, so the search walks to max_rate and half the FFN neurons go; which half is
+# decided by the scores alone. eval_batch_size=2 splits the 5-example attribution sample into 3 batches:
+# rank 0 scores batches 0 and 2 (3 rows), rank 1 batch 1 (2 rows), so the reduction changes the ranking.
+OVERRIDES = [
+    "skeleton.psi=100",
+    "skeleton.search.granularity=0.25",
+    "skeleton.search.max_rate=0.5",
+    "data.eval_batch_size=2",
+    "trainer.max_steps=2",
+]
+
+
+class RecordingCallback(SkeletonCallback):
+    """The real callback, plus what this rank would score alone (its shard, no all-reduce)."""
+
+    local: Scores | None = None
+
+    def score(self, model, datamodule, trainer=None) -> Scores:
+        world, rank = trainer.world_size, trainer.global_rank
+        shard = itertools.islice(datamodule.attribution_dataloader(), rank, None, world)
+        opts = asdict(self.attribution)
+        max_instances = opts.pop("max_instances")
+        self.local = score_neurons(
+            model, shard, max_instances=-(-max_instances // world), seed=model.hparams.seed, **opts
+        )
+        return super().score(model, datamodule, trainer)
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = compose_config(OVERRIDES, run_dir=out / "run")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.module)
+    callback = RecordingCallback.from_config(cfg.skeleton)
+    trainer = instantiate(
+        cfg.trainer,
+        devices=WORLD,
+        num_nodes=1,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(out / "run"),
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+    rank, r = trainer.global_rank, callback.result
+    if r is None:
+        raise RuntimeError(f"rank {rank}: the Skeleton callback did not run")
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"scores.{k}": v for k, v in r.scores.state().items()})
+    tensors.update({f"local.{k}": v for k, v in callback.local.state().items()})
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+
+    search = datamodule.search_dataloader()  # what the callback evaluates the search on
+    report = {
+        "rank": rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "rate": r.rate,
+        "curve": r.curve,
+        "dense": r.dense,
+        "pruned": r.pruned,
+        "widths_before": r.widths_before,
+        "widths_after": r.widths_after,
+        "keep_ffn": [torch.as_tensor(k).tolist() for k in r.keep_ffn],
+        "num_instances": r.scores.num_instances,
+        "local_num_instances": callback.local.num_instances,
+        "attribution_batches": len(datamodule.attribution_dataloader()),
+        "attribution_size": len(datamodule.attribution_dataloader().dataset),
+        "search_sampler": type(search.sampler).__name__,
+        "search_size": len(search.dataset),
+        "search_split_size": len(datamodule.search_indices),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

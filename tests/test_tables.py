@@ -1,0 +1,240 @@
+"""Tables and plots from fake sweeps: numbers must equal the summaries, averages the official composite."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from skeleton import tables
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_summary(task, psi=5.0, seed=0, dense=0.80, pruned=0.78, rate=0.5, **kw) -> dict:
+    """A summary shaped like the training code's, with every number derived from the arguments."""
+    headline = kw.get("headline", "accuracy")
+    criterion = kw.get("criterion", "attribution")
+    total, layers = 1000, 400
+    return {
+        "task": task,
+        "benchmark": kw.get("benchmark", "glue"),
+        "model": kw.get("model", "tiny"),
+        "seed": seed,
+        "sweep": "fake",
+        "headline_metric": headline,
+        "dense": {"search": {headline: dense - 0.01}, "dev": kw.get("dense_dev", {headline: dense})},
+        "pruned": {"search": {headline: pruned - 0.01}, "dev": {headline: pruned}},
+        "psi": psi,
+        "rate": rate,
+        "curve": [[0.0, dense - 0.01], [rate / 2, dense - 0.01], [rate, pruned - 0.01], [0.95, 0.3]],
+        "ffn": {"kept_per_layer": [40, 24], "total_per_layer": [64, 64], "kept_fraction": 1 - rate},
+        "backbone_params": {
+            "dense": {"total": total, "layers": layers},
+            "pruned": {"total": total - layers * rate / 2, "layers": layers - layers * rate / 2},
+        },
+        "flops": {"dense": 100.0, "pruned": 100.0 * (1 - rate / 2), "ideal_speedup": 1 / (1 - rate / 2)},
+        "latency": {"dense_ms": 2.0, "pruned_ms": 1.0, "speedup": kw.get("speedup", 1.5)},
+        "speedup": kw.get("speedup", 1.5),
+        "criterion": criterion,
+        "skeleton_config": {"attribution": {"criterion": criterion, "token_agg": "mean"}},
+        "status": "complete",
+    }
+
+
+def write_run(root: Path, summary: dict, name: str | None = None) -> Path:
+    name = name or f"task={summary['task']},psi={summary['psi']},seed={summary['seed']}"
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+# 2 tasks x 2 psi x 2 seeds, every value distinct so a mix-up shows.
+GRID = {
+    (task, psi, seed): dict(
+        dense=0.70 + 0.10 * t + 0.01 * seed,
+        pruned=0.69 + 0.10 * t - 0.002 * psi + 0.013 * seed,
+        rate=0.3 + 0.05 * psi + 0.02 * seed,
+        speedup=1.2 + 0.1 * psi + 0.03 * seed,
+    )
+    for t, task in enumerate(("sst2", "rte"))
+    for psi in (1.0, 5.0)
+    for seed in (0, 1)
+}
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun" / "grid"
+    for (task, psi, seed), values in GRID.items():
+        write_run(root / f"psi={psi}", fake_summary(task, psi, seed, **values))  # nested folders too
+    return root
+
+
+def by_hand(task, psi, key):
+    values = [v[key] for (t, p, _), v in GRID.items() if (t, p) == (task, psi)]
+    return [100 * x for x in values] if key in ("dense", "pruned", "rate") else values
+
+
+def test_table_numbers_equal_summaries(sweep):
+    summaries = tables.load_summaries(sweep)
+    assert len(summaries) == 8 and not summaries.failed and not summaries.incomplete
+    table = tables.paper_table(tables.to_frame(summaries))
+    for task in ("sst2", "rte"):
+        for psi in (1.0, 5.0):
+            row = table[(table["task"] == task) & (table["psi"] == psi)].iloc[0]
+            assert row["n"] == 2 and row["model"] == "tiny" and row["criterion"] == "attribution"
+            for col, key in (
+                ("dense_dev", "dense"),
+                ("pruned_dev", "pruned"),
+                ("rate", "rate"),
+                ("speedup", "speedup"),
+            ):
+                values = by_hand(task, psi, key)
+                assert row[col] == pytest.approx(statistics.mean(values))
+                assert row[f"{col}_std"] == pytest.approx(statistics.stdev(values))
+            rates = [v["rate"] for (t, p, _), v in GRID.items() if (t, p) == (task, psi)]
+            assert row["params_kept"] == pytest.approx(
+                statistics.mean(100 * (1000 - 400 * r / 2) / 1000 for r in rates)
+            )
+    glue = table[(table["task"] == "GLUE avg.") & (table["psi"] == 5.0)].iloc[0]
+    per_task = [statistics.mean(by_hand(t, 5.0, "pruned")) for t in ("sst2", "rte")]
+    assert glue["pruned_dev"] == pytest.approx(statistics.mean(per_task))
+    assert glue["avg_over"] == "SST-2, RTE"
+    assert "SuperGLUE avg." not in set(table["task"])
+
+
+def test_frame_fields(sweep):
+    frame = tables.to_frame(tables.load_summaries(sweep))
+    row = frame[(frame["task"] == "rte") & (frame["psi"] == 1.0) & (frame["seed"] == 1)].iloc[0]
+    values = GRID[("rte", 1.0, 1)]
+    assert row["pruned_search"] == pytest.approx(100 * values["pruned"] - 1)
+    assert row["ffn_kept_fraction"] == pytest.approx(1 - values["rate"])
+    assert row["layers_kept_fraction"] == pytest.approx(1 - values["rate"] / 2)
+    assert row["ideal_speedup"] == pytest.approx(1 / (1 - values["rate"] / 2))
+    assert row["token_agg"] == "mean" and row["headline"] == "accuracy"
+
+
+def test_benchmark_averages_use_official_composite(tmp_path):
+    runs = {
+        "mrpc": fake_summary("mrpc", headline="acc_f1", dense=0.8),
+        # no composite key: rebuilt from its parts, (0.70 + 0.90) / 2
+        "stsb": fake_summary(
+            "stsb", headline="pearson_spearman", dense_dev={"pearson": 0.7, "spearman": 0.9}
+        ),
+        "mnli": fake_summary("mnli", dense=0.6),
+        "mnli-mm": fake_summary("mnli-mm", dense=0.7),
+        "cb": fake_summary("cb", benchmark="superglue", headline="acc_macro_f1", dense=0.9),
+        "multirc": fake_summary("multirc", benchmark="superglue", headline="f1a", dense=0.5),
+        "record": fake_summary("record", benchmark="superglue", headline="f1", dense=0.4),
+        "axb": fake_summary("axb", benchmark="superglue", dense=0.1),  # diagnostic: not averaged
+    }
+    for summary in runs.values():
+        write_run(tmp_path, summary)
+    table = tables.paper_table(tables.to_frame(tables.load_summaries(tmp_path))).set_index("task")
+    assert table.loc["stsb", "dense_dev"] == pytest.approx(80.0)
+    assert table.loc["GLUE avg.", "dense_dev"] == pytest.approx((80 + 80 + (60 + 70) / 2) / 3)
+    assert table.loc["SuperGLUE avg.", "dense_dev"] == pytest.approx((90 + 50 + 40) / 3)
+    assert table.loc["GLUE avg.", "avg_over"] == "MRPC, STS-B, MNLI (m/mm averaged)"
+    assert "AX-b" not in table.loc["SuperGLUE avg.", "avg_over"]
+    order = list(table.index)
+    assert order.index("GLUE avg.") < order.index("cb") < order.index("SuperGLUE avg.")
+    assert pd_isna(table.loc["mrpc", "dense_dev_std"])  # one seed: no std
+    markdown = tables.to_markdown(table.reset_index())
+    assert "| MRPC | 80.0 |" in markdown and "±" not in markdown.split("- ")[0]
+
+
+def pd_isna(value) -> bool:
+    return value != value
+
+
+def test_incomplete_and_failed_runs_are_excluded_and_counted(sweep):
+    write_run(sweep, {**fake_summary("sst2"), "status": "running"}, "unfinished")
+    failed = write_run(sweep, {**fake_summary("sst2"), "status": "running"}, "crashed")
+    (failed / "error.json").write_text(json.dumps({"type": "RuntimeError", "message": "boom"}))
+    only_error = sweep / "died_early"
+    only_error.mkdir()
+    (only_error / "error.json").write_text("{}")
+    (sweep / "torn").mkdir()
+    (sweep / "torn" / "summary.json").write_text('{"status": "compl')
+    summaries = tables.load_summaries([sweep, sweep / "psi=1.0"])  # overlapping paths: no double count
+    assert len(summaries) == 8
+    assert sorted(p.parent.name for p in summaries.failed) == ["crashed", "died_early"]
+    assert sorted(p.parent.name for p in summaries.incomplete) == ["torn", "unfinished"]
+    assert "2 failed run(s)" in summaries.report()
+
+
+def test_cli_writes_tables_and_plots(sweep, capsys):
+    for seed in (0, 1):
+        write_run(
+            sweep / "random", fake_summary("sst2", seed=seed, criterion="random", rate=0.2 + 0.1 * seed)
+        )
+    assert tables.main([str(sweep)]) == 0
+    out = sweep / "tables"
+    printed = capsys.readouterr().out
+    assert "| SST-2 |" in printed and "criterion = random" in printed
+    for name in ("table.md", "table.tex", "table.csv", "runs.csv"):
+        assert (out / name).stat().st_size > 0 and str(out / name) in printed
+    assert "\\toprule" in (out / "table.tex").read_text() and "$\\pm$" in (out / "table.tex").read_text()
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 10
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert plots == {"score_vs_rate.png", "speedup_vs_rate.png", "kept_per_layer.png", "criteria.png"}
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 2000
+
+
+def test_cli_formats_and_no_plots(sweep, tmp_path):
+    assert tables.main([str(sweep), "--out", str(tmp_path / "t"), "--formats", "csv", "--no-plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["runs.csv", "table.csv"]
+
+
+def test_cli_error_names_where_it_looked_and_the_failures(tmp_path):
+    run = tmp_path / "sweep" / "a=1"
+    run.mkdir(parents=True)
+    (run / "error.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        tables.main([str(tmp_path / "sweep")])
+    message = str(exit_info.value.code)
+    assert "no complete summary.json" in message and str(tmp_path / "sweep") in message
+    assert "1 failed" in message and str(run / "error.json") in message
+
+
+class FakeRun:
+    def __init__(self, run_id, config, state="finished"):
+        self.id, self.config, self.state, self.path = run_id, config, state, ["me", "proj", run_id]
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return self._runs
+
+
+def test_load_wandb_reads_summaries_from_run_configs(monkeypatch, tmp_path):
+    api = FakeApi(
+        [
+            FakeRun("a", {"skeleton_summary": fake_summary("sst2", seed=0), "lr": 0.3}),
+            FakeRun("b", {"skeleton_summary": {"value": fake_summary("sst2", seed=1)}}),  # raw-config form
+            FakeRun("c", {"lr": 0.3}, state="crashed"),
+            FakeRun(
+                "d", {"skeleton_summary": {**fake_summary("sst2"), "status": "running"}}, state="running"
+            ),
+        ]
+    )
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(Api=lambda: api))
+    summaries = tables.load_wandb("proj", entity="me", filters={"config.sweep": "x"})
+    assert api.calls == [("me/proj", {"config.sweep": "x"})]
+    assert [s["seed"] for s in summaries] == [0, 1] and summaries[0]["wandb_run"] == "me/proj/a"
+    assert summaries.failed == ["me/proj/c"] and summaries.incomplete == ["me/proj/d"]
+    frame = tables.to_frame(summaries)
+    assert list(frame["run_dir"]) == ["me/proj/a", "me/proj/b"]
+
+    assert tables.main(["--wandb", "me/proj", "--out", str(tmp_path / "w"), "--no-plots"]) == 0
+    assert api.calls[-1] == ("me/proj", None)
+    assert (tmp_path / "w" / "table.md").exists()
