@@ -36,8 +36,7 @@ def run_sweep(output_root: Path) -> str:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    log = run_sweep(root)
-    return root / "multirun" / "tiny", log
+    return root / "multirun" / "tiny", run_sweep(root)
 
 
 def summaries(sweep_dir: Path) -> dict[str, dict]:
@@ -45,7 +44,7 @@ def summaries(sweep_dir: Path) -> dict[str, dict]:
 
 
 def test_multirun_writes_one_complete_summary_per_run(sweep):
-    sweep_dir, log = sweep
+    sweep_dir, _ = sweep
     found = summaries(sweep_dir)
     assert sorted(found) == sorted(
         f"experiment=tiny,skeleton.psi={psi},task={task}" for task in ("rte", "sst2") for psi in (1, 100)
