@@ -394,7 +394,8 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, datamodule, ben
     from skeleton.bench import measure_latency
     from skeleton.evaluate import to_device
 
-    batch = first_examples(next(iter(datamodule.dev_dataloader())), bench.batch_size)
+    batches = list(datamodule.dev_dataloader())  # sorted by length: the middle one is typical
+    batch = first_examples(batches[len(batches) // 2], bench.batch_size)
     batch = to_device(batch, next(model.parameters()).device)
     was_training = model.training
     model.eval()

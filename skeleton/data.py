@@ -185,6 +185,13 @@ class TokenizedSplit(Dataset):
         return item
 
 
+def example_lengths(dataset: TokenizedSplit, indices: Tensor) -> Tensor:
+    """Longest token row of each example (over its choices)."""
+    rows = dataset.t["row_lengths"].long()
+    starts, ends = dataset.choice_start[indices], dataset.choice_start[indices + 1]
+    return torch.tensor([int(rows[a:b].max()) for a, b in zip(starts.tolist(), ends.tolist())])
+
+
 @dataclass
 class Collator:
     """Pads to the longest row in the batch. Rows are flattened to (B*C, L), choice-major within an
@@ -346,8 +353,12 @@ class TaskDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def _eval_subset(self, dataset: Dataset, indices=None) -> Subset:
+        """Evaluation order sorted by length: batches pad less, and the margin search evaluates often."""
         indices = torch.arange(len(dataset)) if indices is None else indices
-        return Subset(dataset, indices[: self.max_eval_samples].tolist())
+        indices = indices[: self.max_eval_samples]
+        return Subset(
+            dataset, indices[torch.argsort(example_lengths(dataset, indices), stable=True)].tolist()
+        )
 
     def train_dataloader(self) -> DataLoader:
         train = self.split("train")

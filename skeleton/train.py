@@ -81,7 +81,6 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("skip_completed", True) and runs.is_complete(run_dir):
         print(f"skipping: {run_dir} already holds a complete summary.json")
         return runs.read_summary(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
@@ -90,12 +89,17 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir)
     )
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     skeleton = next((c for c in callbacks if isinstance(c, SkeletonCallback)), None)
     cache = PromptCache(cfg, cfg.paths.cache_dir) if skeleton is not None and cfg.get("reuse", True) else None
     if skeleton is not None:
         skeleton.cache = cache
 
-    with cache.lock() if cache is not None else nullcontext():
+    # The lock makes parallel runs of one prompt wait for its first training; under DDP rank 0 would
+    # hold it while rank 1 starts and waits for it, so multi-process runs skip it.
+    locking = cache is not None and trainer.world_size == 1
+    with cache.lock() if locking else nullcontext():
         if cache is not None and cache.has_prompt():
             train_info = reuse_prompt(cache, model, datamodule, trainer, skeleton)
             search_scores = skeleton.result.dense["search"]
@@ -118,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
     if pruned:
         summary.update(skeleton.summary())
         summary["dense"] = skeleton.result.dense  # measured on the restored best prompt, before pruning
-        if cfg.get("save_artifact", True):
+        if cfg.get("save_artifact", True) and trainer.is_global_zero:
             summary["artifact"] = str(skeleton.save_artifact(model, run_dir / "skeleton"))
     if trainer.is_global_zero:
         runs.write_summary(run_dir, summary)

@@ -37,12 +37,17 @@ from tests.helpers import compose_config  # noqa: E402
 
 WORLD = 2
 # psi=100: any drop is allowed, so the search walks to max_rate and half the FFN neurons go; which half is
-# decided by the scores alone. eval_batch_size=2 splits the 5-example attribution sample into 3 batches:
-# rank 0 scores batches 0 and 2 (3 rows), rank 1 batch 1 (2 rows), so the reduction changes the ranking.
+# decided by the scores alone. The SST-2 fixture has 8 training examples: 3 are held out for the search,
+# the other 5 are the attribution sample, which eval_batch_size=2 splits into 3 batches: rank 0 scores
+# batches 0 and 2 (3 rows), rank 1 batch 1 (2 rows), so the reduction changes the ranking.
 OVERRIDES = [
+    "task=sst2",
     "skeleton.psi=100",
     "skeleton.search.granularity=0.25",
     "skeleton.search.max_rate=0.5",
+    "skeleton.attribution.max_instances=8",
+    "data.search_size=3",
+    "data.batch_size=4",
     "data.eval_batch_size=2",
     "trainer.max_steps=2",
 ]
@@ -103,10 +108,10 @@ def main(out: Path) -> None:
         "pruned": r.pruned,
         "widths_before": r.widths_before,
         "widths_after": r.widths_after,
-        "keep_ffn": [torch.as_tensor(k).tolist() for k in r.keep_ffn],
+        "keep_ffn": [sorted(torch.as_tensor(k).tolist()) for k in r.keep_ffn],
         "num_instances": r.scores.num_instances,
         "local_num_instances": callback.local.num_instances,
-        "attribution_batches": len(datamodule.attribution_dataloader()),
+        "attribution_batch_sizes": [len(b["labels"]) for b in datamodule.attribution_dataloader()],
         "attribution_size": len(datamodule.attribution_dataloader().dataset),
         "search_sampler": type(search.sampler).__name__,
         "search_size": len(search.dataset),

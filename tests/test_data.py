@@ -156,12 +156,19 @@ def test_loaders_serve_the_right_splits(make):
     train = dm.split("train").t["labels"]
     assert sum(len(b["labels"]) for b in dm.train_dataloader()) == 6
     val = torch.cat([b["labels"] for b in dm.val_dataloader()])
-    assert val.tolist() == train[dm.search_indices].tolist()
+    assert sorted(val.tolist()) == sorted(train[dm.search_indices].tolist())  # eval order: by length
     assert dm.search_dataloader.__func__ is dm.val_dataloader.__func__
     dev = torch.cat([b["labels"] for b in dm.test_dataloader()])
-    assert dev.tolist() == [1, 0, 1] and dm.dev_dataloader.__func__ is dm.test_dataloader.__func__
+    assert sorted(dev.tolist()) == [0, 1, 1] and dm.dev_dataloader.__func__ is dm.test_dataloader.__func__
     first = [next(iter(make("sst2", search_size=2).train_dataloader()))["input_ids"] for _ in range(2)]
     assert torch.equal(*first)  # seeded shuffle
+
+
+def test_eval_loaders_are_sorted_by_length(make):
+    dm = make("sst2", search_size=2, eval_batch_size=1)
+    dm.setup()
+    lengths = [int(b["attention_mask"].sum()) for b in dm.test_dataloader()]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
 
 
 def test_attribution_loader(make):
@@ -223,6 +230,11 @@ def test_tokenizer_by_name_and_fingerprint(tmp_path, tokenizer):
 
 
 # ---- collate ---------------------------------------------------------------------------------------
+def in_file_order(dm):
+    """The dev split as the collator sees it, in file order (evaluation loaders sort by length)."""
+    return dm._loader(dm.split("dev"), dm.eval_batch_size)
+
+
 def check_rows(batch, tokenizer, examples):
     """Row b*C + c is choice c of example b, padded, with a mask that covers exactly its tokens."""
     C = batch["num_choices"]
@@ -237,7 +249,7 @@ def check_rows(batch, tokenizer, examples):
 def test_collate_classification(make, tokenizer):
     dm = make("sst2", eval_batch_size=3)
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(in_file_order(dm)))
     assert batch["input_ids"].shape[0] == 3 and batch["num_choices"] == 1
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "num_choices", "labels"}
     assert batch["labels"].dtype == torch.long and batch["input_ids"].shape == batch["attention_mask"].shape
@@ -249,13 +261,13 @@ def test_collate_classification(make, tokenizer):
 def test_collate_regression_labels(make):
     dm = make("stsb")
     dm.setup("test")
-    assert next(iter(dm.test_dataloader()))["labels"].tolist() == [5.0, 4.75, 5.0]
+    assert next(iter(in_file_order(dm)))["labels"].tolist() == [5.0, 4.75, 5.0]
 
 
 def test_collate_copa(make, tokenizer):
     dm = make("copa")
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(in_file_order(dm)))
     assert batch["num_choices"] == 2 and batch["input_ids"].shape[0] == 4
     assert batch["choice_mask"].shape == (2, 2) and batch["choice_mask"].all()
     assert batch["token_type_ids"].max() == 1
@@ -268,7 +280,7 @@ def test_collate_copa(make, tokenizer):
 def test_collate_record_pads_missing_choices(make, tokenizer):
     dm = make("record")
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))  # candidates per query: 5, 5, 4
+    batch = next(iter(in_file_order(dm)))  # candidates per query: 5, 5, 4
     assert batch["num_choices"] == 5 and batch["input_ids"].shape[0] == 15
     assert batch["choice_mask"].tolist() == [[True] * 5, [True] * 5, [True] * 4 + [False]]
     empty = batch["input_ids"][14]
@@ -288,7 +300,7 @@ def test_collate_record_pads_missing_choices(make, tokenizer):
 def test_collate_multirc_group(make):
     dm = make("multirc")
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(in_file_order(dm)))
     assert batch["group"].tolist() == [0, 0, 1, 1, 1] and batch["group"].dtype == torch.long
     assert "choice_mask" not in batch and batch["num_choices"] == 1
 
