@@ -24,8 +24,8 @@ test: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check skeleton tests
-	$(BIN)/ruff format --check skeleton tests
+	$(BIN)/ruff check skeleton tests benchmarks
+	$(BIN)/ruff format --check skeleton tests benchmarks
 
 # A short real end-to-end run (MiniLM, shared SST-2): keeps the main job from silently breaking.
 smoke: setup

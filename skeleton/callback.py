@@ -157,7 +157,7 @@ class SkeletonCallback(Callback):
         say = _printer(trainer)
         dense = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
         say(f"dense {headline}: search {dense['search'][headline]:.4f}, dev {dense['dev'][headline]:.4f}")
-        before = _shape_report(backbone, self.benchmark)
+        before = _shape_report(backbone)
         dense_identity = model.backbone_identity()
 
         started = time.perf_counter()
@@ -211,7 +211,7 @@ class SkeletonCallback(Callback):
         pruned = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
         latency = measure_speedup(model, dense_backbone, datamodule, self.benchmark)
         del dense_backbone
-        after = _shape_report(backbone, self.benchmark)
+        after = _shape_report(backbone)
         say(
             f"pruned {headline}: search {pruned['search'][headline]:.4f}, dev {pruned['dev'][headline]:.4f}; "
             f"FFN kept {sum(after['widths'])}/{sum(before['widths'])}; speedup x{latency['speedup']:.2f}"
@@ -347,7 +347,8 @@ class SkeletonCallback(Callback):
         )
 
 
-def _shape_report(backbone: nn.Module, bench: BenchmarkConfig) -> dict:
+def _shape_report(backbone: nn.Module) -> dict:
+    """FFN widths, parameter counts and FLOPs per 128-token sequence: the before/after of pruning."""
     return {
         "widths": ffn_widths(backbone),
         "params": count_parameters(backbone),

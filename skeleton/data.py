@@ -26,6 +26,10 @@ from skeleton.tasks import Example, TaskSpec, get_task, read_split
 
 CACHE_VERSION = 1  # bump when tokenization or the converters change meaning
 SOURCES = ("auto", "local", "hub")
+# Where the search split comes from. "train" (default): dev stays untouched for reporting. "dev": the
+# search split is a seeded part of dev and only the rest of dev is reported: the usual protocol when
+# train and dev differ in kind (SST-2 train is mostly short phrases, its dev set full sentences).
+SEARCH_FROM = ("train", "dev")
 ENV_DIRS = {"glue": "GLUE_DIR", "superglue": "SUPERGLUE_DIR"}
 SUBFOLDERS = {"glue": ("glue", "glue_data"), "superglue": ("superglue", "super_glue")}
 DOWNLOAD = {
@@ -263,6 +267,7 @@ class TaskDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         search_size: float | int = 0.1,
         search_max: int = 1000,
+        search_from: str = "train",
         attribution_size: int = 512,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
@@ -273,6 +278,9 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if search_from not in SEARCH_FROM:
+            raise ValueError(f"data.search_from must be one of {SEARCH_FROM}, got {search_from!r}")
+        self.search_from = search_from
         self.task: TaskSpec = get_task(task)
         # a name/path, or an already loaded tokenizer (saves a reload when the caller has one)
         loaded = not isinstance(tokenizer, (str, os.PathLike))
@@ -287,6 +295,8 @@ class TaskDataModule(L.LightningDataModule):
         self.splits: dict[str, TokenizedSplit] = {}
         self.train_indices: Tensor | None = None
         self.search_indices: Tensor | None = None
+        self.dev_search_indices: Tensor | None = None
+        self.dev_report_indices: Tensor | None = None
 
     # -- loading ----------------------------------------------------------------------------------
     @property
@@ -310,6 +320,9 @@ class TaskDataModule(L.LightningDataModule):
             self.splits[name] = TokenizedSplit(self._tokenized(name, raw))
             if name == "train":
                 self._carve_search_split()
+            if name == "dev" and self.search_from == "dev":  # search on part of dev, report the rest
+                search, report = self._carve(len(self.splits["dev"]), from_here=True)
+                self.dev_search_indices, self.dev_report_indices = search.sort().values, report.sort().values
         return self.splits[name]
 
     def cache_path(self, name: str, raw: RawSplit) -> Path:
@@ -333,13 +346,17 @@ class TaskDataModule(L.LightningDataModule):
     def _carve_search_split(self) -> None:
         """Hold out the search split from train: a seeded permutation's first k examples, k a fraction
         (float < 1) or a count, capped at search_max. It depends only on (len(train), seed, sizes)."""
-        n = len(self.splits["train"])
+        search, rest = self._carve(len(self.splits["train"]), from_here=self.search_from == "train")
+        rest = rest if self.max_train_samples is None else rest[: self.max_train_samples]
+        self.train_indices, self.search_indices = rest.sort().values, search.sort().values
+
+    def _carve(self, n: int, from_here: bool) -> tuple[Tensor, Tensor]:
+        """A seeded permutation of n examples split into (search, rest)."""
         size = self.search_size
         k = round(size * n) if isinstance(size, float) and size < 1 else int(size)
-        k = max(0, min(k, self.search_max, n))
+        k = max(0, min(k, self.search_max, n)) if from_here else 0
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        rest = perm[k:] if self.max_train_samples is None else perm[k:][: self.max_train_samples]
-        self.search_indices, self.train_indices = perm[:k].sort().values, rest.sort().values
+        return perm[:k], perm[k:]
 
     # -- loaders ----------------------------------------------------------------------------------
     @property
@@ -365,15 +382,22 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader(Subset(train, self.train_indices.tolist()), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """The search split (held out from train): early stopping and pruning decisions."""
+        """The search split (held out from train, or from dev with search_from=dev): early stopping
+        and pruning decisions."""
+        if self.search_from == "dev":
+            return self._loader(
+                self._eval_subset(self.split("dev"), self.dev_search_indices), self.eval_batch_size
+            )
         train = self.split("train")
         return self._loader(self._eval_subset(train, self.search_indices), self.eval_batch_size)
 
     search_dataloader = val_dataloader
 
     def test_dataloader(self) -> DataLoader:
-        """The official dev/val set (MNLI: matched), for reporting only."""
-        return self.eval_dataloader("dev")
+        """The official dev/val set (MNLI: matched), for reporting only; with search_from=dev, the part
+        of it that the search never saw."""
+        dev = self.split("dev")
+        return self._loader(self._eval_subset(dev, self.dev_report_indices), self.eval_batch_size)
 
     dev_dataloader = test_dataloader
 

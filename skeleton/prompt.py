@@ -243,13 +243,18 @@ class PromptTunedModel(L.LightningModule):
 
     # ---- checkpoints: what was trained, plus the backbone's identity ----------------------------
     def backbone_identity(self) -> dict:
-        return {"name_or_path": self.backbone_name, "sha256": weights_hash(self.backbone)}
+        """Name and weights hash of the backbone; the hash is computed once per set of shapes (frozen)."""
+        shapes = tuple(p.shape for p in self.backbone.parameters())
+        if getattr(self, "_identity_key", None) != shapes:
+            self._identity = {"name_or_path": self.backbone_name, "sha256": weights_hash(self.backbone)}
+            self._identity_key = shapes
+        return dict(self._identity)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
         }
-        checkpoint["skeleton_backbone"] = {"name_or_path": self.backbone_name}
+        checkpoint["skeleton_backbone"] = self.backbone_identity()
 
 
 def _cpu(batch: dict) -> dict:

@@ -7,18 +7,14 @@ skeleton-train -m task=sst2,rte skeleton.psi=0.01,0.02      # a sweep; reruns sk
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_SILENT", "true")
-
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,9 +48,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             node.update(mode=mode, save_dir=str(run_dir), name=run_dir.name, dir=str(run_dir))
             node["group"] = node.get("group") or cfg.get("sweep_name")
             node["tags"] = sorted({*node.get("tags", []), *run_tags(cfg)})
+            node["config"] = OmegaConf.to_container(cfg, resolve=True)  # the resolved config, searchable
         else:
             node["save_dir"] = str(run_dir)
-        loggers.append(instantiate(node))
+        # built directly, not through instantiate: the resolved config it carries holds _target_ keys
+        loggers.append(get_class(node.pop("_target_"))(**node))
     return loggers
 
 
@@ -76,6 +74,7 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 def train(cfg: DictConfig) -> dict:
     """One run, start to finish. Returns the summary it wrote."""
+    run_started = time.perf_counter()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("skip_completed", True) and runs.is_complete(run_dir):
@@ -124,6 +123,7 @@ def train(cfg: DictConfig) -> dict:
         summary["dense"] = skeleton.result.dense  # measured on the restored best prompt, before pruning
         if cfg.get("save_artifact", True) and trainer.is_global_zero:
             summary["artifact"] = str(skeleton.save_artifact(model, run_dir / "skeleton"))
+    summary["wall_seconds"] = round(time.perf_counter() - run_started, 1)
     if trainer.is_global_zero:
         runs.write_summary(run_dir, summary)
         log_summary(trainer, summary)
@@ -170,6 +170,7 @@ def base_summary(cfg, model, run_dir: Path, train_info: dict) -> dict:
         "seed": int(cfg.seed),
         "sweep": cfg.get("sweep_name"),
         "headline_metric": task.headline,
+        "search_from": cfg.data.get("search_from", "train"),
         "run_dir": str(run_dir),
         "params": model.parameter_counts(),
         "train": train_info,

@@ -64,3 +64,16 @@ def test_datamodule_and_module_instantiate(model, tmp_path):
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert module(batch).shape == (batch["labels"].shape[0], 2)
+
+
+@pytest.mark.parametrize(("override", "listed"), [("model=nope", "tiny-bert"), ("task=nope", "sst2")])
+def test_unknown_config_choice_lists_the_known_ones(override, listed):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=listed):
+        compose_config([override], tiny=False)
+
+
+def test_unknown_task_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="sst2"):
+        get_task("sst-3")

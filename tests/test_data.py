@@ -328,3 +328,18 @@ def test_real_shared_data(tokenizer, tmp_path, task, train, dev):
     assert len(dm.search_indices) == search and len(dm.train_indices) == train - search
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 32 and batch["input_ids"].shape[1] <= 64
+
+
+def test_search_from_dev_splits_dev_into_search_and_report(make):
+    dm = make("sst2", search_size=0.5, search_from="dev", eval_batch_size=1)
+    dm.setup("fit")
+    dev = dm.split("dev")
+    search = [i for i in dm.dev_search_indices.tolist()]
+    report = [i for i in dm.dev_report_indices.tolist()]
+    assert search and report and not set(search) & set(report)
+    assert sorted(search + report) == list(range(len(dev)))
+    assert sum(len(b["labels"]) for b in dm.search_dataloader()) == len(search)
+    assert sum(len(b["labels"]) for b in dm.dev_dataloader()) == len(report)
+    assert len(dm.train_indices) == len(dm.split("train"))  # train keeps every example
+    with pytest.raises(ValueError, match="search_from"):
+        make("sst2", search_from="test")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from skeleton.backbones import weights_hash
 from skeleton.heads import TaskHead
 from skeleton.prompt import PromptConfig, PromptTunedModel
 
@@ -140,6 +141,7 @@ def test_checkpoint_holds_only_trained_weights(model):
     model.on_save_checkpoint(checkpoint)
     assert checkpoint["state_dict"] and not any(k.startswith("backbone.") for k in checkpoint["state_dict"])
     assert checkpoint["skeleton_backbone"]["name_or_path"] == "tiny:bert"
+    assert checkpoint["skeleton_backbone"]["sha256"] == weights_hash(model.backbone)
 
 
 def test_multiple_choice_head_masks_missing_choices():

@@ -85,3 +85,15 @@ def test_every_formulation_trains_and_prunes(task, tmp_path):
     headline = summary["headline_metric"]
     assert headline in summary["dense"]["dev"] and headline in summary["pruned"]["dev"]
     assert sum(summary["ffn"]["kept_per_layer"]) < sum(summary["ffn"]["total_per_layer"])
+
+
+def test_wandb_offline_run_logs_curve_image_and_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    summary = train(compose_config(["logger=wandb", "skeleton.psi=100"], run_dir=run_dir))
+    (offline,) = run_dir.glob("wandb/offline-run-*")
+    media = offline / "files" / "media"
+    assert list(media.glob("table/skeleton/curve_table_*.table.json"))  # the pruning curve
+    assert list(media.glob("images/skeleton/kept_per_layer_*.png"))  # neurons kept per layer
+    assert summary["rate"] > 0 and list(run_dir.glob("csv/**/metrics.csv"))  # both loggers ran

@@ -1,0 +1,180 @@
+"""Check the paper's headline claims on finished runs (a benchmark, not a test).
+
+    python benchmarks/claims.py RUN_DIR [RUN_DIR ...] [--out benchmarks/results]
+
+For each run folder (a Skeleton run, e.g. SST-2 and RTE at psi = 1 from `+sweeps=quick`):
+  * the dev score drop of the pruned model, the share of FFN neurons removed, the parameters removed
+    for the whole backbone and for the encoder layers alone;
+  * the CPU speedup at batch 32 on real dev inputs (dense vs pruned, interleaved, median of repeats);
+  * the dev-score pruning curves of the attribution ranking against random and weight-magnitude
+    rankings at equal rates (reversible masks on the dense model from the run's own artifact).
+Writes claims.md, claims.json and curves.png into --out. Needs no training: the dense prompt-tuned
+model is rebuilt from the run's skeleton artifact (prompt + head + the dense backbone's hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from skeleton.bench import measure_latency
+from skeleton.callback import first_examples
+from skeleton.evaluate import evaluate, to_device
+from skeleton.export import build_dense, load_skeleton
+from skeleton.localize import masked, score_neurons, select_neurons
+
+CRITERIA = ("attribution", "magnitude", "random")
+RATES = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def datamodule_of(run: Path):
+    cfg = OmegaConf.load(run / "config.yaml")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    return datamodule, cfg
+
+
+def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float]]]:
+    """Dev score of the dense model with the lowest-ranked neurons masked, per criterion and rate."""
+    model = build_dense(run / "skeleton").eval()
+    headline = model.task.headline
+    dev = datamodule.dev_dataloader()
+    out = {}
+    for criterion in CRITERIA:
+        attribution = OmegaConf.to_container(cfg.skeleton.attribution)
+        attribution.update(criterion=criterion, heads=False)
+        scores = score_neurons(model, datamodule.attribution_dataloader(), seed=int(cfg.seed), **attribution)
+        points = []
+        for rate in rates:
+            with masked(model.backbone, select_neurons(scores, rate, scope=cfg.skeleton.pruning.scope)):
+                points.append([rate, evaluate(model, dev)[headline]])
+            print(f"  {run.name} {criterion:12s} rate {rate:.1f}: {points[-1][1]:.4f}", flush=True)
+        out[criterion] = points
+    return out
+
+
+def speedup_at(run: Path, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:
+    """Dense vs pruned on real dev inputs at batch 32, interleaved, medians: a median-length batch
+    and the longest batch (dev batches are sorted by length), since fixed per-call costs dilute the
+    speedup on short inputs."""
+    dense, pruned = build_dense(run / "skeleton").eval(), load_skeleton(run / "skeleton").eval()
+    batches = [first_examples(b, batch_size) for b in datamodule.dev_dataloader()]
+    out = {}
+    for name, batch in (("median", batches[len(batches) // 2]), ("long", batches[-1])):
+        batch = fill(batch, batch_size)
+        times = measure_latency({"dense": dense, "pruned": pruned}, to_device(batch, "cpu"), repeats=repeats)
+        out[name] = {
+            "tokens": int(batch["input_ids"].shape[1]) + dense.prompt.num_tokens,
+            "dense_ms": times["dense"]["median_ms"],
+            "pruned_ms": times["pruned"]["median_ms"],
+            "speedup": times["dense"]["median_ms"] / times["pruned"]["median_ms"],
+        }
+    return out
+
+
+def fill(batch: dict, n: int) -> dict:
+    """Repeat a short last batch until it holds ``n`` examples."""
+    have = batch["labels"].shape[0]
+    if have >= n:
+        return batch
+    times = -(-n // have)
+    grown = {
+        k: v.repeat(times, *[1] * (v.dim() - 1)) if torch.is_tensor(v) and v.dim() else v
+        for k, v in batch.items()
+    }
+    return first_examples(grown, n)
+
+
+def claim_row(summary: dict, speed: dict) -> dict:
+    headline = summary["headline_metric"]
+    dense, pruned = summary["dense"]["dev"][headline], summary["pruned"]["dev"][headline]
+    params = summary["backbone_params"]
+    return {
+        "task": summary["task"],
+        "psi": summary["psi"],
+        "headline": headline,
+        "dense_dev": 100 * dense,
+        "pruned_dev": 100 * pruned,
+        "drop": 100 * (dense - pruned),
+        "ffn_pruned": 100 * (1 - summary["ffn"]["kept_fraction"]),
+        "backbone_params_pruned": 100 * (1 - params["pruned"]["total"] / params["dense"]["total"]),
+        "layer_params_pruned": 100 * (1 - params["pruned"]["layers"] / params["dense"]["layers"]),
+        "cpu": speed,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| task | psi | dense dev | pruned dev | drop (<= psi?) | FFN neurons pruned (>= 45%?) "
+        "| params pruned: backbone / encoder layers | CPU speedup, batch 32: median length / longest (>= 1.5x?) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ok = lambda good: "yes" if good else "**no**"  # noqa: E731
+        med, long = r["cpu"]["median"], r["cpu"]["long"]
+        lines.append(
+            f"| {r['task']} | {r['psi']:g} | {r['dense_dev']:.1f} | {r['pruned_dev']:.1f} "
+            f"| {r['drop']:.1f} ({ok(r['drop'] <= r['psi'])}) | {r['ffn_pruned']:.0f}% ({ok(r['ffn_pruned'] >= 45)}) "
+            f"| {r['backbone_params_pruned']:.0f}% / {r['layer_params_pruned']:.0f}% "
+            f"| x{med['speedup']:.2f} at {med['tokens']} tokens / x{long['speedup']:.2f} at {long['tokens']} tokens "
+            f"({ok(max(med['speedup'], long['speedup']) >= 1.5)}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(all_curves: dict[str, dict], rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(all_curves), 3.2))
+    for i, (task, by_criterion) in enumerate(all_curves.items()):
+        ax = fig.add_subplot(1, len(all_curves), i + 1)
+        for criterion, points in by_criterion.items():
+            rates, scores = zip(*points)
+            ax.plot([100 * r for r in rates], [100 * s for s in scores], marker="o", ms=3, label=criterion)
+        row = next(r for r in rows if r["task"] == task)
+        ax.axhline(row["dense_dev"] - row["psi"], color="grey", ls="--", lw=0.8, label="dense - psi")
+        ax.set(
+            title=f"{task}: dev score vs FFN neurons pruned",
+            xlabel="FFN neurons pruned (%)",
+            ylabel=f"dev {row['headline']} (points)",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, all_curves = [], {}
+    for run in args.runs:
+        started = time.perf_counter()
+        summary = json.loads((run / "summary.json").read_text())
+        datamodule, cfg = datamodule_of(run)
+        speed = speedup_at(run, datamodule, repeats=args.repeats)
+        rows.append(claim_row(summary, speed))
+        all_curves[summary["task"]] = curves(run, datamodule, cfg)
+        print(f"{summary['task']}: done in {time.perf_counter() - started:.0f}s", flush=True)
+    table = markdown(rows)
+    (args.out / "claims.md").write_text(table + "\n")
+    (args.out / "claims.json").write_text(json.dumps({"rows": rows, "curves": all_curves}, indent=2))
+    plot(all_curves, rows, args.out / "curves.png")
+    print(table)
+    print(f"wrote {args.out / 'claims.md'}, {args.out / 'claims.json'}, {args.out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
