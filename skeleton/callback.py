@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from skeleton.evaluate import evaluate
+from skeleton.evaluate import evaluate, is_degenerate
 from skeleton.localize import (
     Scores,
     backbone_flops,
@@ -36,6 +36,12 @@ from skeleton.localize import (
 )
 
 log = logging.getLogger(__name__)
+
+DEGENERATE = (
+    "the dense prompt-tuned model gives every search example the same answer: it has not learned the "
+    "task, so any pruning rate keeps its score and the chosen rate means nothing. Train longer "
+    "(trainer.max_steps) or raise prompt.lr / module.head_lr."
+)
 
 
 @dataclass
@@ -99,6 +105,7 @@ class SkeletonResult:
     seconds: dict = field(default_factory=dict)
     dense_identity: dict = field(default_factory=dict)
     scores: Scores | None = field(default=None, repr=False)
+    warnings: list = field(default_factory=list)
 
 
 class SkeletonCallback(Callback):
@@ -155,7 +162,12 @@ class SkeletonCallback(Callback):
         backbone, headline = model.backbone, model.task.headline
         search_loader, dev_loader = datamodule.search_dataloader(), datamodule.dev_dataloader()
         say = _printer(trainer)
-        dense = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
+        dense_logits: list = []
+        dense = {"search": evaluate(model, search_loader, dense_logits), "dev": evaluate(model, dev_loader)}
+        warnings = []
+        if is_degenerate(dense_logits, model.task.formulation):
+            warnings.append(DEGENERATE)
+            say(f"WARNING: {DEGENERATE}")
         say(f"dense {headline}: search {dense['search'][headline]:.4f}, dev {dense['dev'][headline]:.4f}")
         before = _shape_report(backbone)
         dense_identity = model.backbone_identity()
@@ -242,6 +254,7 @@ class SkeletonCallback(Callback):
             latency=latency,
             seconds={"attribution": round(attribution_s, 2), "search": round(search_s, 2)},
             dense_identity=dense_identity,
+            warnings=warnings,
             scores=scores,
         )
 
@@ -299,6 +312,7 @@ class SkeletonCallback(Callback):
             "latency": r.latency,
             "speedup": r.latency.get("speedup"),
             "seconds": r.seconds,
+            "warnings": r.warnings,
             "criterion": self.attribution.criterion,
             "skeleton_config": {
                 "attribution": asdict(self.attribution),

@@ -176,6 +176,7 @@ def _row(s: dict) -> dict:
         "speedup": _num(s.get("speedup")),
         "ideal_speedup": _num((s.get("flops") or {}).get("ideal_speedup")),
         "train_seconds": _num((s.get("train") or {}).get("seconds")),
+        "degenerate": bool(s.get("warnings")),
         "sweep": s.get("sweep"),
         "run_dir": s.get("run_dir") or s.get("wandb_run"),
     }
@@ -220,6 +221,7 @@ def paper_table(frame: pd.DataFrame, group: Sequence[str] = GROUP) -> pd.DataFra
         by_task = sub.groupby("task")
         stats = by_task[cols].mean().join(by_task[cols].std(ddof=1).add_suffix("_std"))
         stats["n"] = by_task.size()
+        stats["degenerate"] = by_task["degenerate"].any() if "degenerate" in sub else False
         stats["benchmark"] = by_task["benchmark"].first()
         stats = stats.loc[sorted(stats.index, key=_task_order)].reset_index()
         blocks = [_with_average(stats[stats["benchmark"] == b], b) for b in BENCHMARKS]
@@ -229,7 +231,8 @@ def paper_table(frame: pd.DataFrame, group: Sequence[str] = GROUP) -> pd.DataFra
     if not parts:
         return pd.DataFrame(columns=[*group, "task", "benchmark", "n", *cols, "avg_over"])
     table = pd.concat(parts, ignore_index=True)
-    ordered = [*group, "task", "benchmark", "n"] + [c for m in cols for c in (m, f"{m}_std")] + ["avg_over"]
+    ordered = [*group, "task", "benchmark", "n"] + [c for m in cols for c in (m, f"{m}_std")]
+    ordered += ["avg_over", "degenerate"]
     return table.reindex(columns=ordered).astype({"n": "Int64"})
 
 
@@ -257,7 +260,11 @@ def _with_average(stats: pd.DataFrame, benchmark: str) -> pd.DataFrame:
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """Strings as in a paper: ``mean ± std`` (std only with more than one run), ``–`` when missing."""
-    out = pd.DataFrame({"Task": [TASK_NAMES.get(t, t) for t in table["task"]]}, index=table.index)
+    flagged = (
+        table["degenerate"].fillna(False).astype(bool) if "degenerate" in table else [False] * len(table)
+    )
+    names = [TASK_NAMES.get(t, t) + (" †" if f else "") for t, f in zip(table["task"], flagged)]
+    out = pd.DataFrame({"Task": names}, index=table.index)
     for col, (header, digits) in COLUMNS.items():
         out[header] = [_cell(m, s, digits) for m, s in zip(table[col], table[f"{col}_std"])]
     out["Runs"] = [str(int(n)) if pd.notna(n) else "" for n in table["n"]]
@@ -279,6 +286,11 @@ def _groups(table: pd.DataFrame, group: Sequence[str]):
         title = " · ".join(f"{KEY_NAMES.get(g, g)} = {_fmt_key(v)}" for g, v in zip(group, key))
         notes = [f"{t}: mean over {o}." for t, o in zip(rows["task"], rows["avg_over"]) if isinstance(o, str)]
         notes.append("Scores in points (dev set); mean ± sample std over runs (std only with >1 run).")
+        if "degenerate" in rows and rows["degenerate"].fillna(False).astype(bool).any():
+            notes.append(
+                "†: the dense prompt-tuned model answered every search example alike (it did not "
+                "learn the task), so its pruning rate means nothing; train longer."
+            )
         yield title, display_table(rows), notes
 
 

@@ -238,3 +238,12 @@ def test_load_wandb_reads_summaries_from_run_configs(monkeypatch, tmp_path):
     assert tables.main(["--wandb", "me/proj", "--out", str(tmp_path / "w"), "--no-plots"]) == 0
     assert api.calls[-1] == ("me/proj", None)
     assert (tmp_path / "w" / "table.md").exists()
+
+
+def test_degenerate_runs_are_marked_in_the_table():
+    healthy = fake_summary("sst2")
+    stuck = {**fake_summary("cola", headline="mcc"), "warnings": ["learned nothing"]}
+    table = tables.paper_table(tables.to_frame([healthy, stuck]))
+    text = tables.to_markdown(table)
+    assert "CoLA †" in text and "SST-2 †" not in text
+    assert "†: the dense prompt-tuned model answered every search example alike" in text

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from skeleton import runs
 from skeleton.train import train
@@ -97,3 +98,27 @@ def test_wandb_offline_run_logs_curve_image_and_config(tmp_path, monkeypatch):
     assert list(media.glob("table/skeleton/curve_table_*.table.json"))  # the pruning curve
     assert list(media.glob("images/skeleton/kept_per_layer_*.png"))  # neurons kept per layer
     assert summary["rate"] > 0 and list(run_dir.glob("csv/**/metrics.csv"))  # both loggers ran
+
+
+def test_a_model_that_learned_nothing_is_flagged(tmp_path, monkeypatch):
+    """Constant predictions keep any score under any pruning: the summary must say so."""
+    from skeleton.callback import DEGENERATE
+    from skeleton.heads import TaskHead
+
+    real = TaskHead.forward
+    monkeypatch.setattr(
+        TaskHead, "forward", lambda self, *a, **k: real(self, *a, **k) * 0 + torch.tensor([1.0, 0.0])
+    )
+    summary = train(compose_config(["skeleton.psi=1"], run_dir=tmp_path / "run"))
+    assert summary["warnings"] == [DEGENERATE]
+
+
+def test_degenerate_predictions_are_recognised():
+    from skeleton.evaluate import is_degenerate
+
+    same = [torch.tensor([[2.0, 1.0], [3.0, 0.0]]), torch.tensor([[1.0, -1.0]])]
+    mixed = [torch.tensor([[2.0, 1.0], [0.0, 3.0]])]
+    assert is_degenerate(same, "classification") and not is_degenerate(mixed, "classification")
+    assert is_degenerate([torch.full((4,), 2.5)], "regression")
+    assert not is_degenerate([torch.tensor([1.0, 2.0])], "regression")
+    assert not is_degenerate([], "classification")
