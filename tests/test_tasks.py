@@ -303,6 +303,14 @@ def test_binary_metrics_by_hand():
     assert out["mcc"] == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
 
 
+def test_mcc_of_constant_predictions_is_zero_as_in_glue():
+    """sklearn (GLUE's scorer) gives 0 when a marginal is empty; torchmetrics alone gives 0.41 here."""
+    labels = [1, 0, 1, 1, 0, 1, 1, 1]
+    assert score("cola", onehot([1] * 8), labels)["mcc"] == 0.0
+    assert score("cola", onehot([0] * 8), labels)["mcc"] == 0.0
+    assert score("cola", onehot(labels), labels)["mcc"] == pytest.approx(1.0)
+
+
 def test_macro_f1_by_hand():
     out = score("cb", onehot([0, 1, 1, 2, 2], 3), [0, 0, 1, 2, 1])
     macro = (2 / 3 + 1 / 2 + 2 / 3) / 3

@@ -103,6 +103,18 @@ class CandidateScore(Metric):
         return {"em": em, "f1": f1}
 
 
+class GlueMatthewsCorrCoef(BinaryMatthewsCorrCoef):
+    """MCC as GLUE scores CoLA (sklearn's ``matthews_corrcoef``): 0 when a row or column of the
+    confusion matrix is empty. torchmetrics 1.9 returns a non-zero value there (0.41 for constant
+    predictions on a 6:2 split), which would reward a model that learned nothing."""
+
+    def compute(self) -> Tensor:
+        (tn, fp), (fn, tp) = self.confmat.double()
+        if min(tp + fp, tp + fn, tn + fp, tn + fn) == 0:
+            return torch.tensor(0.0)
+        return super().compute()
+
+
 # ---- the per-task bundle ---------------------------------------------------------------------------
 def _make(name: str, num_classes: int) -> Metric:
     if name == "accuracy":
@@ -112,7 +124,7 @@ def _make(name: str, num_classes: int) -> Metric:
     if name == "macro_f1":
         return MulticlassF1Score(num_classes, average="macro")
     if name == "mcc":
-        return BinaryMatthewsCorrCoef()
+        return GlueMatthewsCorrCoef()
     if name == "pearson":
         return PearsonCorrCoef()
     if name == "spearman":
