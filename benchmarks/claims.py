@@ -29,8 +29,14 @@ from skeleton.evaluate import evaluate, to_device
 from skeleton.export import build_dense, load_skeleton
 from skeleton.localize import masked, score_neurons, select_neurons
 
-CRITERIA = ("attribution", "magnitude", "random")
-RATES = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# name -> overrides of the run's attribution settings; the first is the run's own ranking
+CRITERIA = {
+    "attribution |mean_t a*g| (default)": {"criterion": "attribution", "magnitude": "instance"},
+    "attribution mean_t |a*g|": {"criterion": "attribution", "magnitude": "token"},
+    "weight magnitude": {"criterion": "magnitude"},
+    "random": {"criterion": "random"},
+}
+RATES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def datamodule_of(run: Path):
@@ -46,15 +52,15 @@ def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float
     headline = model.task.headline
     dev = datamodule.dev_dataloader()
     out = {}
-    for criterion in CRITERIA:
+    for criterion, overrides in CRITERIA.items():
         attribution = OmegaConf.to_container(cfg.skeleton.attribution)
-        attribution.update(criterion=criterion, heads=False)
+        attribution.update(heads=False, **overrides)
         scores = score_neurons(model, datamodule.attribution_dataloader(), seed=int(cfg.seed), **attribution)
         points = []
         for rate in rates:
             with masked(model.backbone, select_neurons(scores, rate, scope=cfg.skeleton.pruning.scope)):
                 points.append([rate, evaluate(model, dev)[headline]])
-            print(f"  {run.name} {criterion:12s} rate {rate:.1f}: {points[-1][1]:.4f}", flush=True)
+            print(f"  {run.name} {criterion:36s} rate {rate:.2f}: {points[-1][1]:.4f}", flush=True)
         out[criterion] = points
     return out
 
