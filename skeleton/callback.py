@@ -132,6 +132,7 @@ class SkeletonCallback(Callback):
         self.restore_best = restore_best
         self.result: SkeletonResult | None = None
         self.cache = None  # a skeleton.reuse.PromptCache: share prompt + scores across margins
+        self.fit_ended_at: float | None = None
 
     @classmethod
     def from_config(cls, cfg) -> SkeletonCallback:
@@ -148,6 +149,7 @@ class SkeletonCallback(Callback):
 
     # ---- Lightning hooks ------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_ended_at = time.perf_counter()  # training time excludes the Skeleton step
         if trainer.interrupted:
             return
         if self.restore_best:

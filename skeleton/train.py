@@ -105,7 +105,8 @@ def train(cfg: DictConfig) -> dict:
         else:
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule)
-            train_info = train_stats(trainer, time.perf_counter() - started)
+            ended = skeleton.fit_ended_at if skeleton is not None and skeleton.fit_ended_at else None
+            train_info = train_stats(trainer, (ended or time.perf_counter()) - started)
             search_scores = stage_metrics(trainer.callback_metrics, "val")
             if cache is not None and cache.has_prompt():
                 cache.update_meta({"train": train_info})

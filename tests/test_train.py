@@ -122,3 +122,19 @@ def test_degenerate_predictions_are_recognised():
     assert is_degenerate([torch.full((4,), 2.5)], "regression")
     assert not is_degenerate([torch.tensor([1.0, 2.0])], "regression")
     assert not is_degenerate([], "classification")
+
+
+def test_training_time_excludes_the_skeleton_step(tmp_path, monkeypatch):
+    import time as clock
+
+    from skeleton.callback import SkeletonCallback
+
+    real = SkeletonCallback.localize
+
+    def slow_localize(self, *args, **kwargs):
+        clock.sleep(1.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SkeletonCallback, "localize", slow_localize)
+    summary = train(compose_config(["skeleton.psi=1"], run_dir=tmp_path / "run"))
+    assert summary["wall_seconds"] - summary["train"]["seconds"] >= 1.5
