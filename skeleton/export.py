@@ -356,7 +356,7 @@ def predict_file(model, input_path, *, batch_size=64, max_length=128, limit=None
     """Predict every example of an official-format file. Returns (records, metrics or None, seconds)."""
     from torch.utils.data import DataLoader
 
-    from skeleton.data import Collator, TokenizedSplit, tokenize
+    from skeleton.data import TokenizedSplit, collator_for, tokenize
     from skeleton.evaluate import to_device
 
     spec = model.task
@@ -364,9 +364,7 @@ def predict_file(model, input_path, *, batch_size=64, max_length=128, limit=None
     examples = [spec.convert(row) for row in rows]
     tokenizer = _tokenizer_for(model)
     dataset = TokenizedSplit(tokenize(examples, tokenizer, max_length))
-    empty = tokenizer("")["input_ids"] or [tokenizer.pad_token_id]
-    collate = Collator(tokenizer.pad_token_id or 0, empty, spec.formulation == "multiple_choice")
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator_for(tokenizer, spec))
     labelled = bool(examples) and all(ex.label != -1 for ex in examples)
     metrics = spec.build_metrics() if labelled else None
     model.to(device).eval()
