@@ -125,10 +125,11 @@ class PromptTunedModel(L.LightningModule):
     def task_formulation(self) -> str:
         return self.task.formulation
 
-    def content_mask(self, batch: dict) -> torch.Tensor:
-        """True where the backbone sees a real token: not padding, not a soft prompt position."""
+    def content_mask(self, batch: dict, include_prompt: bool = False) -> torch.Tensor:
+        """True where the backbone sees a real token (not padding); soft prompt positions too if asked."""
         mask = batch["attention_mask"].bool()
-        prompt = mask.new_zeros(mask.shape[0], self.prompt.num_tokens)
+        make = mask.new_ones if include_prompt else mask.new_zeros
+        prompt = make(mask.shape[0], self.prompt.num_tokens)
         return torch.cat([prompt, mask], dim=1)
 
     def encode(self, batch: dict) -> torch.Tensor:

@@ -148,3 +148,22 @@ def test_multiple_choice_head_masks_missing_choices():
     head = TaskHead("multiple_choice", 8)
     scores = head(torch.randn(6, 8), num_choices=3, choice_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]).bool())
     assert scores.shape == (2, 3) and torch.isinf(scores[0, 2]) and torch.isfinite(scores[1]).all()
+
+
+def test_content_mask_can_include_the_prompt(model):
+    batch = make_batch()
+    mask = model.content_mask(batch, include_prompt=True)
+    assert mask[:, :4].all() and torch.equal(mask[:, 4:], batch["attention_mask"].bool())
+
+
+def test_prompt_positions_change_scores_only_when_included(model):
+    """Counting the soft prompt positions must change the scores (they carry activations too)."""
+    from skeleton.localize import score_neurons
+
+    batches = [make_batch(seed=s) for s in range(2)]
+    content = score_neurons(model, batches)
+    again = score_neurons(model, batches, include_prompt=False)
+    with_prompt = score_neurons(model, batches, include_prompt=True)
+    assert all(torch.equal(a, b) for a, b in zip(content.ffn, again.ffn))
+    assert not all(torch.allclose(a, b) for a, b in zip(content.ffn, with_prompt.ffn))
+    assert with_prompt.meta["include_prompt"] is True

@@ -276,8 +276,10 @@ def _aggregate(s: torch.Tensor, mask: torch.Tensor, token_agg: str, magnitude: s
     return out.abs() if magnitude == "instance" else out
 
 
-def _content_mask(model: nn.Module, batch: dict) -> torch.Tensor:
+def _content_mask(model: nn.Module, batch: dict, include_prompt: bool = False) -> torch.Tensor:
     if hasattr(model, "content_mask"):
+        if include_prompt:
+            return model.content_mask(batch, include_prompt=True).bool()
         return model.content_mask(batch).bool()
     return batch["attention_mask"].bool()
 
@@ -306,7 +308,7 @@ def _score_batch(model, batch, capture, points, n_ffn, opts) -> tuple[list, list
     capture.tensors = [None] * len(points)
     with torch.set_grad_enabled(need_grad):
         logits = model(batch)
-        mask = _content_mask(model, batch)
+        mask = _content_mask(model, batch, opts.get("include_prompt", False))
         acts = capture.tensors
         if any(a is None for a in acts):
             raise RuntimeError("a hooked projection was not called in the forward; is model.backbone used?")
@@ -344,6 +346,7 @@ def score_neurons(
     magnitude: str = "instance",
     max_instances: int | None = None,
     unsupervised: bool = False,
+    include_prompt: bool = False,
     heads: bool = False,
     seed: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
@@ -384,6 +387,7 @@ def score_neurons(
         "magnitude": magnitude,
         "max_instances": max_instances,
         "unsupervised": unsupervised,
+        "include_prompt": include_prompt,
         "heads": heads,
         "seed": seed,
         "task_formulation": formulation,
