@@ -31,8 +31,13 @@ from skeleton.localize import masked, score_neurons, select_neurons
 
 # name -> overrides of the run's attribution settings; the first is the run's own ranking
 CRITERIA = {
-    "attribution |mean_t a*g| (default)": {"criterion": "attribution", "magnitude": "instance"},
-    "attribution mean_t |a*g|": {"criterion": "attribution", "magnitude": "token"},
+    "attribution (default)": {"criterion": "attribution", "magnitude": "instance", "include_prompt": True},
+    "attribution, real tokens only": {
+        "criterion": "attribution",
+        "magnitude": "instance",
+        "include_prompt": False,
+    },
+    "attribution mean_t |a*g|": {"criterion": "attribution", "magnitude": "token", "include_prompt": True},
     "weight magnitude": {"criterion": "magnitude"},
     "random": {"criterion": "random"},
 }
