@@ -138,3 +138,19 @@ def test_training_time_excludes_the_skeleton_step(tmp_path, monkeypatch):
     monkeypatch.setattr(SkeletonCallback, "localize", slow_localize)
     summary = train(compose_config(["skeleton.psi=1"], run_dir=tmp_path / "run"))
     assert summary["wall_seconds"] - summary["train"]["seconds"] >= 1.5
+
+
+def test_head_pruning_without_head_scores_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"skeleton\.attribution\.heads=true"):
+        train(compose_config(["skeleton.pruning.head_rate=0.25"], run_dir=tmp_path / "run"))
+
+
+def test_head_pruning_with_head_scores_removes_heads(tmp_path):
+    summary = train(
+        compose_config(
+            ["skeleton.pruning.head_rate=0.25", "skeleton.attribution.heads=true"], run_dir=tmp_path / "run"
+        )
+    )
+    assert (
+        summary["backbone_params"]["pruned"]["attention"] < summary["backbone_params"]["dense"]["attention"]
+    )
