@@ -190,6 +190,7 @@ class SkeletonCallback(Callback):
             f"{attribution_s:.1f}s"
         )
 
+        keep_heads = self._select_heads(scores)
         started = time.perf_counter()
         evaluate_rate = masked_evaluator(
             backbone,
@@ -198,7 +199,17 @@ class SkeletonCallback(Callback):
             scope=self.pruning.scope,
             min_per_layer=self.pruning.min_per_layer,
             round_to=self.pruning.round_to,
+            head_keep=keep_heads,
         )
+        if keep_heads is not None:
+            heads_only = evaluate_rate(0.0)
+            if heads_only < dense["search"][headline] - self.psi / 100.0:
+                warnings.append(
+                    f"pruning.head_rate={self.pruning.head_rate} alone drops the search {headline} to "
+                    f"{heads_only:.4f} (dense {dense['search'][headline]:.4f}), beyond psi={self.psi}: "
+                    "lower skeleton.pruning.head_rate"
+                )
+                say(f"WARNING: {warnings[-1]}")
         found = search_pruning_rate(
             evaluate_rate,
             dense["search"][headline],
@@ -225,7 +236,8 @@ class SkeletonCallback(Callback):
             round_to=self.pruning.round_to,
         )
         prune_ffn(backbone, keep_ffn)
-        keep_heads = self._prune_heads(backbone, scores)
+        if keep_heads is not None:
+            prune_heads(backbone, keep_heads)
         pruned = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
         latency = measure_speedup(model, dense_backbone, datamodule, self.benchmark)
         del dense_backbone
@@ -285,16 +297,16 @@ class SkeletonCallback(Callback):
             **opts,
         )
 
-    def _prune_heads(self, backbone: nn.Module, scores: Scores) -> list | None:
+    def _select_heads(self, scores: Scores) -> list | None:
+        """Heads kept at the fixed `pruning.head_rate` (None: no head pruning). Chosen before the search,
+        which then masks them at every rate: the margin covers heads and FFN neurons together."""
         if self.pruning.head_rate <= 0:
             return None
         if scores.heads is None:
             raise ValueError(
                 "skeleton.pruning.head_rate > 0 needs head scores: set skeleton.attribution.heads=true"
             )
-        keep = select_heads(scores, self.pruning.head_rate, scope=self.pruning.scope)
-        prune_heads(backbone, keep)
-        return keep
+        return select_heads(scores, self.pruning.head_rate, scope=self.pruning.scope)
 
     # ---- reporting ---------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -6,7 +6,14 @@ import pytest
 import torch
 from tiny_models import make_batch, one_thread, tiny_backbone
 
-from skeleton.localize import Scores, layer_parts, masked_evaluator, random_scores, search_pruning_rate
+from skeleton.localize import (
+    Scores,
+    layer_parts,
+    masked,
+    masked_evaluator,
+    random_scores,
+    search_pruning_rate,
+)
 
 assert one_thread  # autouse fixture
 
@@ -136,3 +143,28 @@ def test_masked_evaluator_masks_then_restores():
     assert torch.equal(run(), dense)  # hooks removed
     res = search_pruning_rate(evaluate, 1.0, 0.02, granularity=0.05)
     assert 0.0 <= res.rate < 1.0 and res.score >= 0.98 - 1e-9
+
+
+def test_masked_evaluator_keeps_the_head_mask_at_every_rate():
+    """A fixed head pruning sits inside the searched margin: rate 0 already has the heads masked."""
+    backbone, batch = tiny_backbone("bert"), make_batch()
+    parts = layer_parts(backbone)
+    scores = Scores(*random_scores(parts, False, seed=0))
+    head_keep = [torch.arange(1, p.attn.num_heads) for p in parts]  # drop head 0 everywhere
+
+    def run():
+        with torch.no_grad():
+            return backbone(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+
+    dense = run()
+    with masked(backbone, None, head_keep):
+        heads_only = run()
+    assert not torch.allclose(heads_only, dense)
+    evaluate = masked_evaluator(
+        backbone, scores, lambda: float((run() - heads_only).abs().max()), head_keep=head_keep
+    )
+    assert evaluate(0.0) == 0.0  # exactly the head-masked model
+    assert evaluate(0.5) > 0.0
+    assert torch.equal(run(), dense)  # every hook removed

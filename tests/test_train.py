@@ -154,3 +154,25 @@ def test_head_pruning_with_head_scores_removes_heads(tmp_path):
     assert (
         summary["backbone_params"]["pruned"]["attention"] < summary["backbone_params"]["dense"]["attention"]
     )
+
+
+def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
+    """The search masks the chosen heads at every rate; a head_rate that alone breaks psi is flagged."""
+    import skeleton.callback
+
+    seen = {}
+
+    def scoring_zero(*args, head_keep=None, **kwargs):
+        seen["head_keep"] = head_keep
+        return lambda rate: 0.0  # every masked model scores 0: heads alone are beyond any margin
+
+    monkeypatch.setattr(skeleton.callback, "masked_evaluator", scoring_zero)
+    summary = train(
+        compose_config(
+            ["skeleton.pruning.head_rate=0.5", "skeleton.attribution.heads=true", "skeleton.psi=1"],
+            run_dir=tmp_path / "run",
+        )
+    )
+    assert seen["head_keep"] is not None and all(len(k) < 4 for k in seen["head_keep"])
+    assert any("lower skeleton.pruning.head_rate" in w for w in summary["warnings"])
+    assert summary["rate"] == 0.0

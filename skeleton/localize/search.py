@@ -101,13 +101,17 @@ def masked_evaluator(
     scope: str = "global",
     min_per_layer: int = 0,
     round_to: int = 1,
+    head_keep=None,
 ) -> Callable[[float], float]:
     """An `evaluate(rate)` for `search_pruning_rate`: run `run_eval()` with the FFN neurons that
-    `select_neurons(scores, rate, ...)` drops masked out (hooks removed afterwards)."""
+    `select_neurons(scores, rate, ...)` drops masked out (hooks removed afterwards).
+
+    head_keep: kept heads per layer, masked at every rate, so that a fixed head pruning is inside the
+        margin the search guarantees rather than applied on top of it."""
 
     def evaluate(rate: float) -> float:
         keep = select_neurons(scores, rate, scope=scope, min_per_layer=min_per_layer, round_to=round_to)
-        with masked(backbone, keep):
+        with masked(backbone, keep, head_keep):
             return float(run_eval())
 
     return evaluate
