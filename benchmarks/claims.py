@@ -3,8 +3,9 @@
     python benchmarks/claims.py RUN_DIR [RUN_DIR ...] [--out benchmarks/results]
 
 For each run folder (a Skeleton run, e.g. SST-2 and RTE at psi = 1 from `+sweeps=quick`):
-  * the dev score drop of the pruned model, the share of FFN neurons removed, the parameters removed
-    for the whole backbone and for the encoder layers alone;
+  * the dev score drop of the pruned model (and after recovery, if the run tuned the prompt again), the
+    standard error of that drop (paired per example), the share of FFN neurons removed, the parameters
+    removed for the whole backbone and for the encoder layers alone;
   * the CPU speedup at batch 32 on real dev inputs (dense vs pruned, interleaved, median of repeats);
   * the dev-score pruning curves of the attribution ranking against random and weight-magnitude
     rankings at equal rates (reversible masks on the dense model from the run's own artifact).
@@ -24,20 +25,17 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from skeleton.bench import measure_latency
-from skeleton.callback import first_examples
+from skeleton.callback import AttributionConfig, PruningConfig, SkeletonCallback, first_examples
 from skeleton.evaluate import evaluate, to_device
 from skeleton.export import build_dense, load_skeleton
-from skeleton.localize import masked, score_neurons, select_neurons
+from skeleton.localize import masked, select_neurons
+from skeleton.reuse import PromptCache
 
 # name -> overrides of the run's attribution settings; the first is the run's own ranking
 CRITERIA = {
-    "attribution (default)": {"criterion": "attribution", "magnitude": "instance", "include_prompt": True},
-    "attribution, real tokens only": {
-        "criterion": "attribution",
-        "magnitude": "instance",
-        "include_prompt": False,
-    },
-    "attribution mean_t |a*g|": {"criterion": "attribution", "magnitude": "token", "include_prompt": True},
+    "act x grad (run's setting)": {},
+    "act x grad, scored once": {"iterative_step": 0.0},
+    "act x grad, once, logit, |mean_t|": {"iterative_step": 0.0, "target": "logit", "magnitude": "instance"},
     "weight magnitude": {"criterion": "magnitude"},
     "random": {"criterion": "random"},
 }
@@ -60,7 +58,13 @@ def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float
     for criterion, overrides in CRITERIA.items():
         attribution = OmegaConf.to_container(cfg.skeleton.attribution)
         attribution.update(heads=False, **overrides)
-        scores = score_neurons(model, datamodule.attribution_dataloader(), seed=int(cfg.seed), **attribution)
+        scores = cached_scores(cfg) if not overrides else None  # the run's own, if its cache is here
+        if scores is None:
+            scorer = SkeletonCallback(
+                attribution=AttributionConfig(**attribution),
+                pruning=PruningConfig(scope=cfg.skeleton.pruning.scope),
+            )
+            scores = scorer.score(model, datamodule)
         points = []
         for rate in rates:
             with masked(model.backbone, select_neurons(scores, rate, scope=cfg.skeleton.pruning.scope)):
@@ -68,6 +72,14 @@ def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float
             print(f"  {run.name} {criterion:36s} rate {rate:.2f}: {points[-1][1]:.4f}", flush=True)
         out[criterion] = points
     return out
+
+
+def cached_scores(cfg):
+    """The scores the run itself ranked by, from the prompt cache (iterative scoring is the slow part)."""
+    try:
+        return PromptCache(cfg, cfg.paths.cache_dir).load_scores()
+    except Exception:  # no cache on this machine: score again
+        return None
 
 
 def speedup_at(run: Path, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:
@@ -102,9 +114,31 @@ def fill(batch: dict, n: int) -> dict:
     return first_examples(grown, n)
 
 
-def claim_row(summary: dict, speed: dict) -> dict:
+def paired_noise(run: Path, datamodule) -> dict | None:
+    """How noisy a dev drop is: the share of dev examples on which the dense and the final pruned model
+    disagree about correctness, and the standard error (points) of the accuracy difference, paired per
+    example. With a few hundred examples it is about a point: the size of psi itself."""
+    dense, pruned = build_dense(run / "skeleton").eval(), load_skeleton(run / "skeleton").eval()
+    if dense.task.formulation != "classification":
+        return None
+    correct = {"dense": [], "pruned": []}
+    with torch.inference_mode():
+        for batch in datamodule.dev_dataloader():
+            for name, model in (("dense", dense), ("pruned", pruned)):
+                correct[name].append(model(batch).argmax(-1) == batch["labels"])
+    diff = torch.cat(correct["pruned"]).float() - torch.cat(correct["dense"]).float()
+    return {
+        "examples": len(diff),
+        "disagree": float((diff != 0).float().mean()),
+        "se_points": 100 * float(diff.std() / len(diff) ** 0.5),
+    }
+
+
+def claim_row(summary: dict, speed: dict, noise: dict | None = None) -> dict:
     headline = summary["headline_metric"]
     dense, pruned = summary["dense"]["dev"][headline], summary["pruned"]["dev"][headline]
+    recovered = summary.get("recovered", {}).get("dev", {}).get(headline)
+    final = pruned if recovered is None else recovered
     params = summary["backbone_params"]
     return {
         "task": summary["task"],
@@ -112,7 +146,11 @@ def claim_row(summary: dict, speed: dict) -> dict:
         "headline": headline,
         "dense_dev": 100 * dense,
         "pruned_dev": 100 * pruned,
-        "drop": 100 * (dense - pruned),
+        "pruned_drop": 100 * (dense - pruned),
+        "recovered_dev": None if recovered is None else 100 * recovered,
+        "recovery_steps": summary.get("skeleton_config", {}).get("recovery", {}).get("steps", 0),
+        "drop": 100 * (dense - final),
+        "noise": noise,
         "ffn_pruned": 100 * (1 - summary["ffn"]["kept_fraction"]),
         "backbone_params_pruned": 100 * (1 - params["pruned"]["total"] / params["dense"]["total"]),
         "layer_params_pruned": 100 * (1 - params["pruned"]["layers"] / params["dense"]["layers"]),
@@ -122,16 +160,22 @@ def claim_row(summary: dict, speed: dict) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| task | psi | dense dev | pruned dev | drop (<= psi?) | FFN neurons pruned (>= 45%?) "
-        "| params pruned: backbone / encoder layers | CPU speedup, batch 32: median length / longest (>= 1.5x?) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | psi | dense dev | pruned dev (drop) | after recovery | final drop (<= psi?) | drop's SE "
+        "| FFN neurons pruned (>= 45%?) | params pruned: backbone / encoder layers "
+        "| CPU speedup, batch 32: median length / longest (>= 1.5x?) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ok = lambda good: "yes" if good else "**no**"  # noqa: E731
         med, long = r["cpu"]["median"], r["cpu"]["long"]
+        recovered = (
+            "-" if r["recovered_dev"] is None else f"{r['recovered_dev']:.1f} ({r['recovery_steps']} steps)"
+        )
+        se = "-" if not r["noise"] else f"{r['noise']['se_points']:.1f}"
         lines.append(
-            f"| {r['task']} | {r['psi']:g} | {r['dense_dev']:.1f} | {r['pruned_dev']:.1f} "
-            f"| {r['drop']:.1f} ({ok(r['drop'] <= r['psi'])}) | {r['ffn_pruned']:.0f}% ({ok(r['ffn_pruned'] >= 45)}) "
+            f"| {r['task']} | {r['psi']:g} | {r['dense_dev']:.1f} | {r['pruned_dev']:.1f} ({r['pruned_drop']:.1f}) "
+            f"| {recovered} | {r['drop']:.1f} ({ok(r['drop'] <= r['psi'])}) | {se} "
+            f"| {r['ffn_pruned']:.0f}% ({ok(r['ffn_pruned'] >= 45)}) "
             f"| {r['backbone_params_pruned']:.0f}% / {r['layer_params_pruned']:.0f}% "
             f"| x{med['speedup']:.2f} at {med['tokens']} tokens / x{long['speedup']:.2f} at {long['tokens']} tokens "
             f"({ok(max(med['speedup'], long['speedup']) >= 1.5)}) |"
@@ -176,7 +220,7 @@ def main(argv=None) -> None:
         summary = json.loads((run / "summary.json").read_text())
         datamodule, cfg = datamodule_of(run)
         speed = speedup_at(run, datamodule, repeats=args.repeats)
-        rows.append(claim_row(summary, speed))
+        rows.append(claim_row(summary, speed, paired_noise(run, datamodule)))
         all_curves[summary["task"]] = curves(run, datamodule, cfg)
         print(f"{summary['task']}: done in {time.perf_counter() - started:.0f}s", flush=True)
     table = markdown(rows)

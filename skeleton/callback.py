@@ -29,11 +29,13 @@ from skeleton.localize import (
     masked_evaluator,
     prune_ffn,
     prune_heads,
+    score_iteratively,
     score_neurons,
     search_pruning_rate,
     select_heads,
     select_neurons,
 )
+from skeleton.localize.iterative import rounds_of
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,9 @@ DEGENERATE = (
 @dataclass
 class AttributionConfig:
     criterion: str = "attribution"  # attribution | activation | gradient | magnitude | random
-    target: str = "logit"  # logit | logprob | loss
+    target: str = "logprob"  # logit | logprob | loss
     token_agg: str = "mean"  # mean | max | sum
-    magnitude: str = "instance"  # instance: |agg(a*g)| ; token: agg(|a*g|)
+    magnitude: str = "token"  # token: agg(|a*g|) ; instance: |agg(a*g)|
     max_instances: int = 512
     unsupervised: bool = False
     heads: bool = False
@@ -57,6 +59,10 @@ class AttributionConfig:
     # first-layer neurons that only work on the prompt score ~0 otherwise (SST-2: dropping the
     # lowest 1% then cost 3 dev points; with the prompt counted, nothing).
     include_prompt: bool = True
+    # Re-score under the mask of the lowest 10%, 20%, ... up to iterative_until (0 = score once, as in
+    # the papers): neurons' roles shift as others go. See skeleton/localize/iterative.py.
+    iterative_step: float = 0.1
+    iterative_until: float = 0.8
 
 
 @dataclass
@@ -129,6 +135,10 @@ class SkeletonCallback(Callback):
             )
         self.psi = psi
         self.attribution = attribution or AttributionConfig()
+        try:  # fail before training, not after it
+            rounds_of(self.attribution.iterative_step, self.attribution.iterative_until)
+        except ValueError as err:
+            raise ValueError(f"skeleton.attribution: {err}") from None
         self.pruning = pruning or PruningConfig()
         self.search = search or SearchConfig()
         self.recovery = recovery or RecoveryConfig()
@@ -247,11 +257,16 @@ class SkeletonCallback(Callback):
             f"FFN kept {sum(after['widths'])}/{sum(before['widths'])}; speedup x{latency['speedup']:.2f}"
         )
 
-        recovered = None
+        recovered, seconds = None, {"attribution": round(attribution_s, 2), "search": round(search_s, 2)}
         if self.recovery.steps > 0:
+            started = time.perf_counter()
             recover_prompt(model, datamodule.train_dataloader(), self.recovery)
             recovered = {"search": evaluate(model, search_loader), "dev": evaluate(model, dev_loader)}
-            say(f"after {self.recovery.steps} recovery steps: dev {recovered['dev'][headline]:.4f}")
+            seconds["recovery"] = round(time.perf_counter() - started, 2)
+            say(
+                f"after {self.recovery.steps} recovery steps ({seconds['recovery']:.0f}s): "
+                f"search {recovered['search'][headline]:.4f}, dev {recovered['dev'][headline]:.4f}"
+            )
 
         return SkeletonResult(
             psi=self.psi,
@@ -270,16 +285,16 @@ class SkeletonCallback(Callback):
             flops_before=before["flops"],
             flops_after=after["flops"],
             latency=latency,
-            seconds={"attribution": round(attribution_s, 2), "search": round(search_s, 2)},
+            seconds=seconds,
             dense_identity=dense_identity,
             warnings=warnings,
             scores=scores,
         )
 
     def score(self, model: nn.Module, datamodule, trainer: L.Trainer | None = None) -> Scores:
-        """Attribution over this rank's share of the sample; sums are reduced over ranks under DDP."""
+        """Attribution over this rank's share of the sample; sums are reduced over ranks under DDP.
+        With iterative_step > 0, one pass per round under the previous rounds' mask."""
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        batches = itertools.islice(datamodule.attribution_dataloader(), rank, None, world)
         reduce_fn = None
         if world > 1:
 
@@ -288,13 +303,28 @@ class SkeletonCallback(Callback):
 
         opts = asdict(self.attribution)
         max_instances = opts.pop("max_instances")
-        return score_neurons(
-            model,
-            batches,
-            max_instances=-(-max_instances // world),
-            reduce_fn=reduce_fn,
-            seed=getattr(model.hparams, "seed", 0),
-            **opts,
+        step, until = opts.pop("iterative_step"), opts.pop("iterative_until")
+
+        def score_once() -> Scores:
+            return score_neurons(
+                model,
+                itertools.islice(datamodule.attribution_dataloader(), rank, None, world),
+                max_instances=-(-max_instances // world),
+                reduce_fn=reduce_fn,
+                seed=getattr(model.hparams, "seed", 0),
+                **opts,
+            )
+
+        if step == 0 or self.attribution.criterion in ("magnitude", "random"):  # data-free: nothing shifts
+            return score_once()
+        say = _printer(trainer)
+        return score_iteratively(
+            score_once,
+            model.backbone,
+            step=step,
+            until=until,
+            scope=self.pruning.scope,
+            progress=lambda rate, _: say(f"  attribution re-scored with {rate:.0%} masked"),
         )
 
     def _select_heads(self, scores: Scores) -> list | None:

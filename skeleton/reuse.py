@@ -41,7 +41,9 @@ NOT_PROMPT = (
 NOT_SCORES = (
     "skeleton.psi",
     "skeleton.search",
-    "skeleton.pruning",
+    "skeleton.pruning.min_per_layer",  # pruning.scope stays: iterative attribution masks by scope
+    "skeleton.pruning.round_to",
+    "skeleton.pruning.head_rate",
     "skeleton.recovery",
     "skeleton.benchmark",
     "skeleton.enabled",

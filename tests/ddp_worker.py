@@ -31,6 +31,7 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import skeleton.callback  # noqa: E402
 from skeleton.callback import SkeletonCallback  # noqa: E402
 from skeleton.localize import Scores, score_neurons  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
@@ -63,10 +64,22 @@ class RecordingCallback(SkeletonCallback):
         shard = itertools.islice(datamodule.attribution_dataloader(), rank, None, world)
         opts = asdict(self.attribution)
         max_instances = opts.pop("max_instances")
+        opts.pop("iterative_step"), opts.pop("iterative_until")
         self.local = score_neurons(
             model, shard, max_instances=-(-max_instances // world), seed=model.hparams.seed, **opts
         )
-        return super().score(model, datamodule, trainer)
+        # the real scoring is iterative: record each (reduced) pass; the first one is unmasked
+        real, self.passes = skeleton.callback.score_neurons, []
+
+        def recording(*args, **kwargs):
+            self.passes.append(real(*args, **kwargs))
+            return self.passes[-1]
+
+        skeleton.callback.score_neurons = recording
+        try:
+            return super().score(model, datamodule, trainer)
+        finally:
+            skeleton.callback.score_neurons = real
 
 
 def main(out: Path) -> None:
@@ -95,6 +108,7 @@ def main(out: Path) -> None:
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"scores.{k}": v for k, v in r.scores.state().items()})
     tensors.update({f"local.{k}": v for k, v in callback.local.state().items()})
+    tensors.update({f"first.{k}": v for k, v in callback.passes[0].state().items()})
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
 
     search = datamodule.search_dataloader()  # what the callback evaluates the search on
@@ -111,6 +125,7 @@ def main(out: Path) -> None:
         "keep_ffn": [sorted(torch.as_tensor(k).tolist()) for k in r.keep_ffn],
         "num_instances": r.scores.num_instances,
         "local_num_instances": callback.local.num_instances,
+        "passes": len(callback.passes),
         "attribution_batch_sizes": [len(b["labels"]) for b in datamodule.attribution_dataloader()],
         "attribution_size": len(datamodule.attribution_dataloader().dataset),
         "search_sampler": type(search.sampler).__name__,

@@ -176,3 +176,34 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     assert seen["head_keep"] is not None and all(len(k) < 4 for k in seen["head_keep"])
     assert any("lower skeleton.pruning.head_rate" in w for w in summary["warnings"])
     assert summary["rate"] == 0.0
+
+
+def test_recovery_tunes_prompt_and_head_on_the_frozen_pruned_backbone(tmp_path, monkeypatch):
+    import skeleton.callback
+
+    real, seen = skeleton.callback.recover_prompt, {}
+
+    def recording(model, loader, cfg):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        real(model, loader, cfg)
+        seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    monkeypatch.setattr(skeleton.callback, "recover_prompt", recording)
+    summary = train(
+        compose_config(
+            ["skeleton.psi=100", "skeleton.recovery.steps=5", "skeleton.recovery.lr=0.1"],
+            run_dir=tmp_path / "run",
+        )
+    )
+    before, after = seen["before"], seen["after"]
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(not n.startswith("backbone.") for n in moved)
+    assert any("prompt" in n for n in moved) and any("head" in n for n in moved)
+    assert set(summary["recovered"]) == {"search", "dev"} and summary["seconds"]["recovery"] > 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(next((tmp_path / "run" / "skeleton").glob("*.safetensors"))))
+    prompt_name = next(n for n in moved if "prompt" in n)
+    assert any(
+        torch.equal(t, after[prompt_name]) for t in tensors.values()
+    )  # the artifact holds the recovered prompt

@@ -1,6 +1,6 @@
 """Find a task's neurons in a frozen transformer and prune the rest (no Lightning inside: usable anywhere).
 
-score_neurons -> Scores -> select_neurons(rate) -> masked(...) for the rate search -> prune_ffn in place.
+score_neurons (or score_iteratively) -> Scores -> select_neurons(rate) -> masked(...) for the rate search -> prune_ffn in place.
 """
 
 from .arch import (
@@ -29,6 +29,7 @@ from .attribution import (
     score_neurons,
     task_target,
 )
+from .iterative import rounds_of, score_iteratively
 from .masks import NeuronMask, apply_ffn_mask, apply_head_mask, as_keep_mask, masked
 from .prune import backbone_flops, prune_ffn, prune_heads, resize_to_widths, select_heads, select_neurons
 from .search import SearchResult, masked_evaluator, search_pruning_rate
@@ -64,6 +65,8 @@ __all__ = [
     "random_scores",
     "register_adapter",
     "resize_to_widths",
+    "rounds_of",
+    "score_iteratively",
     "score_neurons",
     "search_pruning_rate",
     "select_heads",

@@ -12,13 +12,15 @@ A is the input of each layer's down projection (R rows, T positions, d_ff channe
 pre-hooks; its gradient comes from `torch.autograd.grad` on the captured tensors, so backbone parameters may
 all have requires_grad=False and no parameter `.grad` is touched.
 
-Aggregation (per backbone row r, over the positions where `model.content_mask(batch)` is True, so padding
-and soft-prompt positions never count):
-    magnitude="instance" (default): |agg_t s[r, t, j]|      magnitude="token": agg_t |s[r, t, j]|
+Aggregation (per backbone row r, over the positions where `model.content_mask(batch, include_prompt)` is
+True: padding never counts, the soft-prompt positions only with include_prompt=True, the callback's
+default):
+    magnitude="instance": |agg_t s[r, t, j]|      magnitude="token" (the callback's default): agg_t |s[r, t, j]|
 with agg = token_agg in {"mean" (default), "max", "sum"}; then the mean over rows, accumulated as float64
 running sums so memory stays bounded whatever the number of batches. Signed scores are not offered as the
 default because, measured here, ranking by signed attribution collapsed to chance accuracy: neurons with
-large negative contributions are as task-relevant as positive ones.
+large negative contributions are as task-relevant as positive ones. `iterative.score_iteratively` repeats
+the scoring under the mask of the neurons dropped so far.
 """
 
 from __future__ import annotations
