@@ -51,7 +51,7 @@ def datamodule_of(run: Path):
 
 def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float]]]:
     """Dev score of the dense model with the lowest-ranked neurons masked, per criterion and rate."""
-    model = build_dense(run / "skeleton").eval()
+    model = dense_model(run, cfg)
     headline = model.task.headline
     dev = datamodule.dev_dataloader()
     out = {}
@@ -74,6 +74,22 @@ def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float
     return out
 
 
+def dense_model(run: Path, cfg):
+    """The dense prompt-tuned model the run started from. The artifact holds the final prompt and head,
+    which recovery tuned for the pruned backbone; the converged ones before recovery are in the prompt
+    cache."""
+    model = build_dense(run / "skeleton").eval()
+    if OmegaConf.select(cfg, "skeleton.recovery.steps", default=0):
+        cache = PromptCache(cfg, cfg.paths.cache_dir)
+        if not cache.has_prompt():
+            raise SystemExit(
+                f"{run} tuned its prompt again after pruning; its dense prompt is not in the prompt cache "
+                f"({cache.folder}). Run claims.py where the run ran, or rerun it with recovery.steps=0."
+            )
+        cache.load_prompt(model)
+    return model
+
+
 def cached_scores(cfg):
     """The scores the run itself ranked by, from the prompt cache (iterative scoring is the slow part)."""
     try:
@@ -86,7 +102,10 @@ def speedup_at(run: Path, datamodule, batch_size: int = 32, repeats: int = 30) -
     """Dense vs pruned on real dev inputs at batch 32, interleaved, medians: a median-length batch
     and the longest batch (dev batches are sorted by length), since fixed per-call costs dilute the
     speedup on short inputs."""
-    dense, pruned = build_dense(run / "skeleton").eval(), load_skeleton(run / "skeleton").eval()
+    dense, pruned = (
+        build_dense(run / "skeleton").eval(),
+        load_skeleton(run / "skeleton").eval(),
+    )  # same prompt
     batches = [first_examples(b, batch_size) for b in datamodule.dev_dataloader()]
     out = {}
     for name, batch in (("median", batches[len(batches) // 2]), ("long", batches[-1])):
@@ -114,11 +133,11 @@ def fill(batch: dict, n: int) -> dict:
     return first_examples(grown, n)
 
 
-def paired_noise(run: Path, datamodule) -> dict | None:
+def paired_noise(run: Path, datamodule, cfg) -> dict | None:
     """How noisy a dev drop is: the share of dev examples on which the dense and the final pruned model
     disagree about correctness, and the standard error (points) of the accuracy difference, paired per
     example. With a few hundred examples it is about a point: the size of psi itself."""
-    dense, pruned = build_dense(run / "skeleton").eval(), load_skeleton(run / "skeleton").eval()
+    dense, pruned = dense_model(run, cfg), load_skeleton(run / "skeleton").eval()
     if dense.task.formulation != "classification":
         return None
     correct = {"dense": [], "pruned": []}
@@ -220,7 +239,7 @@ def main(argv=None) -> None:
         summary = json.loads((run / "summary.json").read_text())
         datamodule, cfg = datamodule_of(run)
         speed = speedup_at(run, datamodule, repeats=args.repeats)
-        rows.append(claim_row(summary, speed, paired_noise(run, datamodule)))
+        rows.append(claim_row(summary, speed, paired_noise(run, datamodule, cfg)))
         all_curves[summary["task"]] = curves(run, datamodule, cfg)
         print(f"{summary['task']}: done in {time.perf_counter() - started:.0f}s", flush=True)
     table = markdown(rows)

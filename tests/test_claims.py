@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from benchmarks import claims
 from skeleton.train import train
 from tests.helpers import compose_config
@@ -9,11 +12,14 @@ from tests.helpers import compose_config
 
 def test_claims_report_on_a_tiny_run(tmp_path):
     run = tmp_path / "run"
-    summary = train(compose_config(["skeleton.psi=100", "skeleton.recovery.steps=2"], run_dir=run))
+    cfg = compose_config(
+        ["skeleton.psi=100", "skeleton.recovery.steps=3", "skeleton.recovery.lr=0.1"], run_dir=run
+    )
+    summary = train(cfg)
     out = tmp_path / "claims"
     claims.main([str(run), "--out", str(out), "--repeats", "1"])
     table = (out / "claims.md").read_text()
-    assert "| sst2 | 100 |" in table and "(2 steps)" in table
+    assert "| sst2 | 100 |" in table and "(3 steps)" in table
     report = json.loads((out / "claims.json").read_text())
     row = report["rows"][0]
     assert row["dense_dev"] == 100 * summary["dense"]["dev"]["accuracy"]
@@ -27,3 +33,37 @@ def test_claims_report_on_a_tiny_run(tmp_path):
         assert [p[0] for p in points] == list(claims.RATES)
         assert points[0][1] == summary["dense"]["dev"]["accuracy"]  # rate 0 is the dense model
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_curves_start_from_the_prompt_before_recovery(tmp_path):
+    """The artifact holds the recovered prompt; the dense reference is the converged one (prompt cache)."""
+    from omegaconf import OmegaConf
+
+    from skeleton.export import build_dense
+
+    run = tmp_path / "run"
+    train(
+        compose_config(
+            ["skeleton.psi=100", "skeleton.recovery.steps=3", "skeleton.recovery.lr=0.1"], run_dir=run
+        )
+    )
+    cfg = OmegaConf.load(run / "config.yaml")
+    before, after = claims.dense_model(run, cfg), build_dense(run / "skeleton")
+    prompt = [n for n, _ in before.named_parameters() if n.startswith("prompt.")]
+    assert prompt
+    state_before, state_after = before.state_dict(), after.state_dict()
+    assert all(not torch.equal(state_before[n], state_after[n]) for n in prompt)
+    for name, value in state_before.items():
+        if name.startswith("backbone."):
+            assert torch.equal(value, state_after[name])  # the same dense backbone
+
+
+def test_runs_without_their_dense_prompt_are_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    train(compose_config(["skeleton.psi=100", "skeleton.recovery.steps=2"], run_dir=run))
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.paths.cache_dir = str(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match="not in the prompt cache"):
+        claims.dense_model(run, cfg)
