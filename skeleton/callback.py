@@ -419,12 +419,29 @@ def _shape_report(backbone: nn.Module) -> dict:
 
 
 def _printer(trainer: L.Trainer | None):
+    """Progress lines on rank 0: logged (Hydra's job log sends them to the console and train.log),
+    and printed as well only where no logging handler reaches the console (notebooks, plain scripts)."""
+    echo = not _logs_reach_console(log)
+
     def say(message: str) -> None:
         if trainer is None or trainer.is_global_zero:
-            print(f"[skeleton] {message}", flush=True)
+            if echo:
+                print(f"[skeleton] {message}", flush=True)
             log.info(message)
 
     return say
+
+
+def _logs_reach_console(logger: logging.Logger) -> bool:
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    node: logging.Logger | None = logger
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                return True
+        node = node.parent if node.propagate else None
+    return False
 
 
 def restore_best_prompt(trainer: L.Trainer, model: nn.Module) -> None:

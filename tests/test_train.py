@@ -207,3 +207,24 @@ def test_recovery_tunes_prompt_and_head_on_the_frozen_pruned_backbone(tmp_path, 
     assert any(
         torch.equal(t, after[prompt_name]) for t in tensors.values()
     )  # the artifact holds the recovered prompt
+
+
+def test_progress_lines_are_printed_once(capsys):
+    """Printed where logging does not reach the console; only logged where it does (Hydra's job log)."""
+    import logging
+
+    from skeleton.callback import _printer
+
+    _printer(None)("hello")
+    assert capsys.readouterr().out.count("hello") == 1
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        _printer(None)("again")
+        assert "again" not in capsys.readouterr().out  # the handler (stderr here) shows it instead
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
