@@ -123,9 +123,8 @@ def test_invalid_arguments(kw, msg):
         search_pruning_rate(Curve(0.5), 0.9, **args)
 
 
-def test_masked_evaluator_masks_then_restores():
-    backbone, batch = tiny_backbone("bert"), make_batch()
-    scores = Scores(*random_scores(layer_parts(backbone), False, seed=0))
+def _forward(backbone, batch):
+    """backbone's last hidden state on batch, as a function (masks applied at call time)."""
 
     def run():
         with torch.no_grad():
@@ -133,6 +132,14 @@ def test_masked_evaluator_masks_then_restores():
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
 
+    return run
+
+
+def test_masked_evaluator_masks_then_restores():
+    backbone, batch = tiny_backbone("bert"), make_batch()
+    scores = Scores(*random_scores(layer_parts(backbone), False, seed=0))
+
+    run = _forward(backbone, batch)
     dense = run()
 
     def similarity():
@@ -152,12 +159,7 @@ def test_masked_evaluator_keeps_the_head_mask_at_every_rate():
     scores = Scores(*random_scores(parts, False, seed=0))
     head_keep = [torch.arange(1, p.attn.num_heads) for p in parts]  # drop head 0 everywhere
 
-    def run():
-        with torch.no_grad():
-            return backbone(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-
+    run = _forward(backbone, batch)
     dense = run()
     with masked(backbone, None, head_keep):
         heads_only = run()
