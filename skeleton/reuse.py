@@ -86,10 +86,18 @@ class PromptCache:
     def load_prompt(self, model: torch.nn.Module) -> dict:
         """Load prompt + head into ``model``; returns the metadata saved with them."""
         state = load_file(str(self.folder / PROMPT_FILE), device=str(model.device))
-        missing = [k for k in state if k not in model.state_dict()]
-        if missing:
+        own = model.state_dict()
+        missing = [k for k in state if k not in own]
+        misshapen = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if missing or misshapen:
+            problem = f"unknown keys {missing[:3]}" if missing else f"shapes differ: {misshapen[:3]}"
             raise RuntimeError(
-                f"cached prompt {self.folder} does not fit this model (unknown keys {missing[:3]})"
+                f"cached prompt {self.folder} does not fit this model ({problem}); delete that folder "
+                "or run with reuse=false to train a new prompt"
             )
         model.load_state_dict(state, strict=False)
         return json.loads((self.folder / META_FILE).read_text())

@@ -228,3 +228,16 @@ def test_progress_lines_are_printed_once(capsys):
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+
+
+def test_a_cache_entry_that_does_not_fit_is_refused_with_the_fix(tmp_path):
+    from hydra.utils import instantiate
+
+    from skeleton.reuse import PromptCache
+
+    cfg = compose_config(["skeleton.psi=100"], run_dir=tmp_path / "run")
+    cache = PromptCache(cfg, tmp_path / "cache")
+    longer = {**cfg.module.prompt, "num_tokens": cfg.module.prompt.num_tokens + 1}
+    cache.save_prompt(instantiate(cfg.module, prompt=longer), {"steps": 1})
+    with pytest.raises(RuntimeError, match=r"shapes differ.*reuse=false"):
+        cache.load_prompt(instantiate(cfg.module))  # the configured prompt has another length
