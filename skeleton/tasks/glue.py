@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from skeleton.tasks.registry import Example, TaskSpec, register
+from skeleton.tasks.registry import Example, TaskSpec, register_benchmark_task
 
 HUB_ID = "nyu-mll/glue"
 FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
@@ -29,21 +29,19 @@ def glue(name, folder, labels, fields, columns=None, label_column="label", **kw)
     (default: same names) and `label_column` the TSV column holding the gold label."""
     kw.setdefault("metrics", ("accuracy",) if labels else ("pearson", "spearman", "pearson_spearman"))
     kw.setdefault("headline", kw["metrics"][-1] if labels is None else kw["metrics"][0])
-    spec = TaskSpec(
-        name=name,
-        benchmark="glue",
-        folder=folder,
+    return register_benchmark_task(
+        "glue",
+        name,
+        folder,
+        labels,
         files=kw.pop("files", FILES),
         hub_id=HUB_ID,
-        hub_config=kw.pop("hub_config", name),
         hub_splits=kw.pop("hub_splits", HUB_SPLITS),
-        labels=labels,
         formulation="classification" if labels else "regression",
         convert=partial(texts, fields[0], fields[1] if len(fields) > 1 else None),
         columns={**dict(zip(fields, columns or fields)), "label": label_column},
         **kw,
     )
-    return register(spec)
 
 
 MNLI_FILES = {"train": "train.tsv", "dev": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",

@@ -101,6 +101,25 @@ def register(spec: TaskSpec) -> TaskSpec:
     return spec
 
 
+def register_benchmark_task(
+    benchmark: str, name: str, folder: str, labels, *, files: dict, hub_id: str, hub_splits: dict, **kw
+) -> TaskSpec:
+    """Register a task of a benchmark whose tasks share official file names and a hub dataset
+    (`hub_config` defaults to the task's name)."""
+    spec = TaskSpec(
+        name=name,
+        benchmark=benchmark,
+        folder=folder,
+        files=files,
+        hub_id=hub_id,
+        hub_config=kw.pop("hub_config", name),
+        hub_splits=hub_splits,
+        labels=labels,
+        **kw,
+    )
+    return register(spec)
+
+
 def get_task(name: str | TaskSpec) -> TaskSpec:
     """The spec registered under `name` or one of its aliases (case, '-', '_' and '/' ignored)."""
     if isinstance(name, TaskSpec):

@@ -21,7 +21,7 @@ from functools import partial
 
 from skeleton.tasks.metrics import answer_scores
 from skeleton.tasks.readers import flatten_multirc, flatten_record, flatten_wsc
-from skeleton.tasks.registry import Example, TaskSpec, register
+from skeleton.tasks.registry import Example, TaskSpec, register_benchmark_task
 
 HUB_ID = "aps/super_glue"
 FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
@@ -94,22 +94,20 @@ def wsc(row: dict) -> Example:
 
 def superglue(name, folder, labels, convert, fields, **kw) -> TaskSpec:
     kw.setdefault("metrics", ("accuracy",))
-    spec = TaskSpec(
-        name=name,
-        benchmark="superglue",
-        folder=folder,
+    return register_benchmark_task(
+        "superglue",
+        name,
+        folder,
+        labels,
         files=kw.pop("files", FILES),
         hub_id=HUB_ID,
-        hub_config=kw.pop("hub_config", name),
         hub_splits=kw.pop("hub_splits", HUB_SPLITS),
-        labels=labels,
         formulation=kw.pop("formulation", "classification"),
         headline=kw.pop("headline", kw["metrics"][0]),
         convert=convert,
         fields=fields,
         **kw,
     )
-    return register(spec)
 
 
 BOOLQ = superglue("boolq", "BoolQ", BOOL, partial(pair, "question", "passage"), ("question", "passage"))
