@@ -29,13 +29,13 @@ from skeleton.localize import (
     masked_evaluator,
     prune_ffn,
     prune_heads,
+    rounds_of,
     score_iteratively,
     score_neurons,
     search_pruning_rate,
     select_heads,
     select_neurons,
 )
-from skeleton.localize.iterative import rounds_of
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +361,7 @@ class SkeletonCallback(Callback):
             "speedup": r.latency.get("speedup"),
             "seconds": r.seconds,
             "warnings": r.warnings,
+            "degenerate": DEGENERATE in r.warnings,  # the one warning that voids the rate (tables mark it)
             "criterion": self.attribution.criterion,
             "skeleton_config": {
                 "attribution": asdict(self.attribution),

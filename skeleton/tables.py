@@ -176,7 +176,8 @@ def _row(s: dict) -> dict:
         "speedup": _num(s.get("speedup")),
         "ideal_speedup": _num((s.get("flops") or {}).get("ideal_speedup")),
         "train_seconds": _num((s.get("train") or {}).get("seconds")),
-        "degenerate": bool(s.get("warnings")),
+        # summaries written before the "degenerate" key had no other warning
+        "degenerate": bool(s.get("degenerate", bool(s.get("warnings")))),
         "sweep": s.get("sweep"),
         "run_dir": s.get("run_dir") or s.get("wandb_run"),
     }

@@ -247,3 +247,14 @@ def test_degenerate_runs_are_marked_in_the_table():
     text = tables.to_markdown(table)
     assert "CoLA †" in text and "SST-2 †" not in text
     assert "†: the dense prompt-tuned model answered every search example alike" in text
+
+
+def test_other_warnings_do_not_mark_a_run_degenerate():
+    healthy = {
+        **fake_summary("sst2"),
+        "warnings": ["pruning.head_rate=0.5 alone drops ..."],
+        "degenerate": False,
+    }
+    stuck = {**fake_summary("cola", headline="mcc"), "warnings": ["learned nothing"], "degenerate": True}
+    text = tables.to_markdown(tables.paper_table(tables.to_frame([healthy, stuck])))
+    assert "CoLA †" in text and "SST-2 †" not in text
