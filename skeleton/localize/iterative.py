@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from .attribution import Scores
-from .masks import masked
+from .masks import as_keep_mask, masked
 from .prune import select_neurons
 
 
@@ -36,6 +36,10 @@ def rounds_of(step: float, until: float) -> list[float]:
         )
     n = int(until / step + 1e-9)
     return [round(step * k, 10) for k in range(1, n + 1)]
+
+
+def _flat(scores: Scores) -> torch.Tensor:
+    return torch.cat([s.double().view(-1) for s in scores.ffn])
 
 
 def _rank_in_unit(values: torch.Tensor, width: float) -> torch.Tensor:
@@ -76,20 +80,17 @@ def score_iteratively(
     dropped_round = torch.full((sum(widths),), -1, dtype=torch.long)
     round_scores: list[torch.Tensor] = []
     for k, rate in enumerate(rounds_of(step, until)):
-        flat = torch.cat([s.double().view(-1) for s in latest.ffn])
+        flat = _flat(latest)
         ranking = composite(dropped_round, round_scores, flat)
         keep = select_neurons(list(ranking.split(widths)), rate, scope=scope)
-        kept = torch.zeros(sum(widths), dtype=torch.bool)
-        offsets = torch.tensor([0, *widths[:-1]]).cumsum(0)
-        for off, idx in zip(offsets.tolist(), keep):
-            kept[off + idx] = True
+        kept = torch.cat([as_keep_mask(k, w) for k, w in zip(keep, widths)])
         dropped_round[~kept & (dropped_round < 0)] = k
         round_scores.append(flat)
         with masked(backbone, keep):
             latest = score_once()
         if progress is not None:
             progress(rate, latest)
-    flat = torch.cat([s.double().view(-1) for s in latest.ffn])
+    flat = _flat(latest)
     ranking = composite(dropped_round, round_scores, flat)
     meta = {**latest.meta, "iterative_step": step, "iterative_until": until, "rounds": len(round_scores) + 1}
     return Scores(
