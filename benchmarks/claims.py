@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from skeleton.bench import measure_latency
 from skeleton.callback import AttributionConfig, PruningConfig, SkeletonCallback, first_examples
-from skeleton.evaluate import evaluate, to_device
+from skeleton.evaluate import evaluate, predict_logits, to_device
 from skeleton.export import build_dense, load_skeleton
 from skeleton.localize import masked, select_neurons
 from skeleton.reuse import PromptCache
@@ -49,9 +49,8 @@ def datamodule_of(run: Path):
     return datamodule, cfg
 
 
-def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float]]]:
+def curves(name: str, model, datamodule, cfg, rates=RATES) -> dict[str, list[list[float]]]:
     """Dev score of the dense model with the lowest-ranked neurons masked, per criterion and rate."""
-    model = dense_model(run, cfg)
     headline = model.task.headline
     dev = datamodule.dev_dataloader()
     out = {}
@@ -69,7 +68,7 @@ def curves(run: Path, datamodule, cfg, rates=RATES) -> dict[str, list[list[float
         for rate in rates:
             with masked(model.backbone, select_neurons(scores, rate, scope=cfg.skeleton.pruning.scope)):
                 points.append([rate, evaluate(model, dev)[headline]])
-            print(f"  {run.name} {criterion:36s} rate {rate:.2f}: {points[-1][1]:.4f}", flush=True)
+            print(f"  {name} {criterion:36s} rate {rate:.2f}: {points[-1][1]:.4f}", flush=True)
         out[criterion] = points
     return out
 
@@ -98,14 +97,10 @@ def cached_scores(cfg):
         return None
 
 
-def speedup_at(run: Path, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:
+def speedup_at(dense, pruned, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:
     """Dense vs pruned on real dev inputs at batch 32, interleaved, medians: a median-length batch
     and the longest batch (dev batches are sorted by length), since fixed per-call costs dilute the
     speedup on short inputs."""
-    dense, pruned = (
-        build_dense(run / "skeleton").eval(),
-        load_skeleton(run / "skeleton").eval(),
-    )  # same prompt
     batches = [first_examples(b, batch_size) for b in datamodule.dev_dataloader()]
     out = {}
     for name, batch in (("median", batches[len(batches) // 2]), ("long", batches[-1])):
@@ -133,19 +128,19 @@ def fill(batch: dict, n: int) -> dict:
     return first_examples(grown, n)
 
 
-def paired_noise(run: Path, datamodule, cfg) -> dict | None:
+def paired_noise(dense, pruned, datamodule) -> dict | None:
     """How noisy a dev drop is: the share of dev examples on which the dense and the final pruned model
     disagree about correctness, and the standard error (points) of the accuracy difference, paired per
     example. With a few hundred examples it is about a point: the size of psi itself."""
-    dense, pruned = dense_model(run, cfg), load_skeleton(run / "skeleton").eval()
     if dense.task.formulation != "classification":
         return None
-    correct = {"dense": [], "pruned": []}
-    with torch.inference_mode():
-        for batch in datamodule.dev_dataloader():
-            for name, model in (("dense", dense), ("pruned", pruned)):
-                correct[name].append(model(batch).argmax(-1) == batch["labels"])
-    diff = torch.cat(correct["pruned"]).float() - torch.cat(correct["dense"]).float()
+    dev = datamodule.dev_dataloader()
+    labels = torch.cat([batch["labels"] for batch in dev])
+
+    def correct(model) -> torch.Tensor:
+        return (torch.cat(predict_logits(model, dev)).argmax(-1) == labels).float()
+
+    diff = correct(pruned) - correct(dense)
     return {
         "examples": len(diff),
         "disagree": float((diff != 0).float().mean()),
@@ -238,9 +233,10 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         summary = json.loads((run / "summary.json").read_text())
         datamodule, cfg = datamodule_of(run)
-        speed = speedup_at(run, datamodule, repeats=args.repeats)
-        rows.append(claim_row(summary, speed, paired_noise(run, datamodule, cfg)))
-        all_curves[summary["task"]] = curves(run, datamodule, cfg)
+        dense, pruned = dense_model(run, cfg), load_skeleton(run / "skeleton").eval()
+        speed = speedup_at(dense, pruned, datamodule, repeats=args.repeats)
+        rows.append(claim_row(summary, speed, paired_noise(dense, pruned, datamodule)))
+        all_curves[summary["task"]] = curves(run.name, dense, datamodule, cfg)
         print(f"{summary['task']}: done in {time.perf_counter() - started:.0f}s", flush=True)
     table = markdown(rows)
     (args.out / "claims.md").write_text(table + "\n")
