@@ -241,3 +241,12 @@ def test_a_cache_entry_that_does_not_fit_is_refused_with_the_fix(tmp_path):
     cache.save_prompt(instantiate(cfg.module, prompt=longer), {"steps": 1})
     with pytest.raises(RuntimeError, match=r"shapes differ.*reuse=false"):
         cache.load_prompt(instantiate(cfg.module))  # the configured prompt has another length
+
+
+def test_impossible_iterative_schedule_is_refused_before_training(tmp_path, monkeypatch):
+    import lightning
+
+    monkeypatch.setattr(lightning.Trainer, "fit", lambda *a, **k: pytest.fail("trained first"))
+    overrides = ["skeleton.attribution.iterative_step=0.5", "skeleton.attribution.iterative_until=0.2"]
+    with pytest.raises(ValueError, match=r"skeleton\.attribution: .*iterative_step <= iterative_until"):
+        train(compose_config(overrides, run_dir=tmp_path / "run"))
