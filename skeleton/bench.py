@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 from transformers import AutoModel
 
@@ -144,7 +146,7 @@ def default_devices() -> tuple[str, ...]:
 
 def parameter_summary(dense: nn.Module, pruned: nn.Module) -> dict:
     """Backbone parameter counts. `layers` (the transformer layers alone) is what pruning shrinks; the
-    total also holds the embeddings (about half of MiniLM), which pruning does not touch."""
+    total also holds the embeddings, which pruning does not touch."""
     return {"dense": count_parameters(dense.backbone), "pruned": count_parameters(pruned.backbone)}
 
 
@@ -218,9 +220,6 @@ def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, 
 
 
 def print_table(rows: list[dict], params: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     table = Table(
         title="dense vs pruned: medians of interleaved runs",

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
@@ -271,8 +272,6 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
 
 def build_pruned_backbone(path: str | Path) -> nn.Module:
     """The exported backbone: dense shapes from config.json, shrunk to the recorded widths, then loaded."""
-    from transformers import AutoConfig, AutoModel
-
     path = Path(path)
     state = load_file(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))

@@ -13,9 +13,7 @@ from hydra.utils import get_class
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from skeleton.summary import RunSummary
-
-WANDB_KEY = "skeleton_summary"
+from skeleton.summary import WANDB_KEY, RunSummary
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -84,7 +82,7 @@ def log_to_wandb(experiment, run: RunSummary) -> None:
     --wandb`` reads back); the pruning curve becomes a table with a line plot; the neurons kept per
     layer an image; the skeleton an artifact (offline runs upload it with ``wandb sync``).
     """
-    import wandb
+    import wandb  # only where W&B is used: importing it costs seconds
 
     experiment.config.update({WANDB_KEY: run.to_dict()}, allow_val_change=True)
     outcome = run.skeleton

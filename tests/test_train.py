@@ -98,8 +98,8 @@ def test_wandb_offline_run_logs_curve_image_and_config(tmp_path, monkeypatch):
 
 def test_a_model_that_learned_nothing_is_flagged(tmp_path, monkeypatch):
     """Constant predictions keep any score under any pruning: the summary must say so."""
-    from skeleton.pipeline import DEGENERATE
     from skeleton.heads import TaskHead
+    from skeleton.pipeline import DEGENERATE
 
     real = TaskHead.forward
     monkeypatch.setattr(

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .arch import LayerParts, head_channels, layer_parts, weight_out_in
@@ -106,14 +108,10 @@ class Scores:
         return cls(layers("ffn"), heads or None, n, meta)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.state(), path, metadata=self.metadata())
 
     @classmethod
     def load(cls, path: str) -> Scores:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             return cls.from_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())  # noqa: SIM118
 

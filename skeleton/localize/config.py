@@ -233,7 +233,29 @@ def build(kind: type, values: Mapping[str, Any], key: str):
         raise ConfigError(
             f"{key}.{unknown[0]} is not a setting; the settings of {key} are: {', '.join(known)}"
         )
-    return kind(**dict(values))
+    return kind(**{name: _typed(kind, name, value, key) for name, value in values.items()})
+
+
+NUMBERS = {"int": int, "float": float}
+
+
+def _typed(kind: type, name: str, value: Any, key: str) -> Any:
+    """Numbers and booleans as their declared type, so a typo such as ``lr=1e-2x`` is named, not a
+    TypeError deep inside a check."""
+    declared = {f.name: f.type for f in fields(kind)}[name]
+    if declared == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}.{name}={value!r} is invalid: use true or false")
+    if declared in NUMBERS and not isinstance(value, bool):
+        try:
+            number = NUMBERS[declared](value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.{name}={value!r} is invalid: use a number ({declared})") from None
+        if declared == "int" and number != float(value):
+            raise ConfigError(f"{key}.{name}={value!r} is invalid: use a whole number")
+        return number
+    return value
 
 
 def _plain(node: Any) -> Any:
