@@ -49,6 +49,19 @@ class ArtifactError(ValueError):
     """A folder that is not a readable skeleton artifact or export."""
 
 
+REWRITE = "the file is truncated or corrupt (a run killed while writing it?); re-export the skeleton"
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """An artifact's safetensors file, or an ArtifactError naming it (never a bare SafetensorError)."""
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: {REWRITE}") from None
+    except Exception as err:  # safetensors raises its own, non-OSError types for bad headers
+        raise ArtifactError(f"{path} is unreadable ({err}): {REWRITE}") from None
+
+
 # ---- small shared pieces -------------------------------------------------------------------------
 def model_hparams(model: PromptTunedModel) -> dict:
     """The constructor arguments needed to rebuild the model (not derived objects such as prompt_cfg)."""
@@ -102,9 +115,13 @@ def resolve_artifact(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> dict:
     path = resolve_artifact(path)
-    meta = json.loads((path / META).read_text())
-    if meta.get("kind") not in KINDS:
-        raise ArtifactError(f"{path / META} is not a skeleton artifact (kind={meta.get('kind')!r})")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path / META} is unreadable ({err}): {REWRITE}") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{path / META} is not a skeleton artifact (kind={kind!r}): {REWRITE}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format version {meta['format_version']}; this skeleton reads up to {FORMAT_VERSION}: "
@@ -171,7 +188,7 @@ def load_trained(model: PromptTunedModel, path: str | Path) -> dict:
     """Put an artifact's prompt and head into ``model`` (checked against it); returns its metadata."""
     path = resolve_artifact(path)
     meta = read_meta(path)
-    model.load_trained_state(_trained_of(load_file(path / TENSORS)), source=str(path / TENSORS))
+    model.load_trained_state(_trained_of(read_tensors(path / TENSORS)), source=str(path / TENSORS))
     return meta
 
 
@@ -208,7 +225,7 @@ def _check_identity(model: PromptTunedModel, meta: dict, source: str, path: Path
 def apply_keep(model: PromptTunedModel, path: str | Path) -> PromptTunedModel:
     """Prune a dense model in place with the kept indices stored in the skeleton at `path`."""
     path = resolve_artifact(path)
-    meta, tensors = read_meta(path), load_file(path / TENSORS)
+    meta, tensors = read_meta(path), read_tensors(path / TENSORS)
     n = meta["num_layers"]
     prune_ffn(model.backbone, [tensors[f"keep.ffn.{i}"] for i in range(n)])
     if meta.get("heads_per_layer") is not None:
@@ -273,7 +290,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
 def build_pruned_backbone(path: str | Path) -> nn.Module:
     """The exported backbone: dense shapes from config.json, shrunk to the recorded widths, then loaded."""
     path = Path(path)
-    state = load_file(path / WEIGHTS)
+    state = read_tensors(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))
     resize_to_widths(backbone)
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
