@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from skeleton import hf_native, hub
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
 from skeleton.prompt import PromptTunedModel
@@ -104,6 +105,8 @@ def _normalise_keep(keep, current: list[int], what: str) -> list[torch.Tensor]:
 def resolve_artifact(path: str | Path) -> Path:
     """The artifact folder: `path` itself, or the `skeleton/` folder of a training run directory."""
     path = Path(path).expanduser()
+    if not path.exists() and hub.is_repo_id(path):  # not a local folder: a Hub repo id
+        return resolve_artifact(hub.resolve(path))
     if not path.exists():
         raise ArtifactError(f"{path} does not exist: pass a skeleton artifact, an export or a run folder")
     for candidate in (path, path / "skeleton"):
@@ -217,6 +220,7 @@ def load_skeleton(
 ) -> PromptTunedModel:
     """Rebuild the saved pruned model: dense backbone (verified by hash) -> prune -> prompt and head.
     Returned in eval mode; its predictions equal those of the model that was saved."""
+    path = resolve_artifact(path)  # a Hub repo id is downloaded once, here
     return apply_keep(build_dense(path, backbone, check_hash=check_hash), path)
 
 
@@ -241,7 +245,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     backbone = model.backbone
     backbone.config.skeleton_ffn_widths = ffn_widths(backbone)
     backbone.config.skeleton_heads_per_layer = heads_per_layer(backbone)
-    backbone.config.save_pretrained(path)
+    hf_native.save_config(backbone, path)  # loadable with AutoModel.from_pretrained
     save_file(_state_dict_for_safetensors(backbone), path / WEIGHTS, metadata={"format": "pt"})
     _tokenizer_for(model).save_pretrained(path)
     save_file(_trained_tensors(model), path / TENSORS, metadata={"format": "pt"})
@@ -267,6 +271,8 @@ def build_pruned_backbone(path: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     path = Path(path)
+    if hf_native.is_native(path):  # exports written since the pruned classes exist
+        return hf_native.load_backbone(path)
     state = load_file(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))
     resize_to_widths(backbone)
@@ -278,7 +284,7 @@ def build_pruned_backbone(path: str | Path) -> nn.Module:
 
 
 def load_pruned(path: str | Path) -> PromptTunedModel:
-    """Rebuild an exported model from its own folder only (no dense weights, no hub). Eval mode.
+    """Rebuild an exported model from its own folder (or Hub repo) only: no dense weights. Eval mode.
 
     The pruned backbone is rebuilt from the export's config and handed to the model ready-made."""
     path = resolve_artifact(path)
@@ -294,7 +300,8 @@ def load_pruned(path: str | Path) -> PromptTunedModel:
 
 
 def load_model(path: str | Path, backbone: str | None = None, *, check_hash: bool = True) -> PromptTunedModel:
-    """Either kind of artifact (or a run folder): what the command-line tools accept."""
+    """Either kind of artifact (or a run folder, or a Hub repo id): what the command-line tools accept."""
+    path = resolve_artifact(path)
     meta = read_meta(path)
     if meta["kind"] == KIND_EXPORT:
         return load_pruned(path)
