@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from skeleton.tasks import get_task
@@ -33,8 +34,14 @@ def test_every_model_config_composes(model):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_every_prompt_config_builds_a_model(prompt):
-    cfg = compose_config([f"prompt={prompt}"])
+def test_every_prompt_config_builds_a_model(prompt, tmp_path):
+    overrides = [f"prompt={prompt}"]
+    if prompt == "peft":  # needs an adapter folder: a 5-token prompt for the tiny BERT (hidden 32)
+        from skeleton.peft_interop import save_peft_prompt
+
+        save_peft_prompt(torch.randn(5, 32), tmp_path)
+        overrides += [f"prompt.path={tmp_path}", "prompt.num_tokens=5"]
+    cfg = compose_config(overrides)
     model = instantiate(cfg.module)
     assert model.prompt.num_tokens == cfg.prompt.num_tokens
 
