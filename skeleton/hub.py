@@ -8,9 +8,11 @@ HF_ENDPOINT, HF_HUB_OFFLINE and the usual cache). Uploads go through `HfApi.crea
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 
 import skeleton
@@ -112,6 +114,23 @@ def model_card(meta: dict, repo_id: str, **given) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def run_facts(folder: Path) -> dict:
+    """Card facts from the training run an artifact sits in (its summary.json and Hydra overrides), if any:
+    a run folder's `skeleton/` is pushed with the scores, speedup and command of that run."""
+    run = next((d for d in (folder, folder.parent) if (d / "summary.json").is_file()), None)
+    if run is None:
+        return {}
+    summary = json.loads((run / "summary.json").read_text())
+    facts = {
+        "scores": {k: summary.get(k, {}).get("dev") for k in ("dense", "pruned")},
+        "speedup": summary.get("speedup"),
+    }
+    overrides = run / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        facts["command"] = " ".join(["skeleton-train", *(yaml.safe_load(overrides.read_text()) or [])])
+    return facts
+
+
 def push_to_hub(
     path: str | Path,
     repo_id: str,
@@ -126,13 +145,16 @@ def push_to_hub(
 ):
     """Upload a skeleton artifact or an export (or a run folder's skeleton/) with a generated README.md.
 
-    `command`, `scores` ({"dense": ..., "pruned": ...}, fractions or metrics dicts) and `speedup` fill the
-    card where skeleton.json's `extra` lacks them. Returns the `CommitInfo` of the upload."""
+    The card shows skeleton.json's `extra`, then the facts of the run folder it sits in (`run_facts`),
+    then `command`, `scores` ({"dense": ..., "pruned": ...}, fractions or metrics dicts) and `speedup`
+    when given. Returns the `CommitInfo` of the upload."""
     from skeleton.export import read_meta, resolve_artifact
 
     folder = resolve_artifact(path)
     meta = read_meta(folder)
-    card = model_card(meta, repo_id, command=command, scores=scores, speedup=speedup)
+    given = {"command": command, "scores": scores, "speedup": speedup}
+    facts = {**run_facts(folder), **{k: v for k, v in given.items() if v is not None}}
+    card = model_card(meta, repo_id, **facts)
     card.save(folder / CARD)
     api = HfApi(library_name="skeleton", library_version=skeleton.__version__)
     api.create_repo(repo_id, token=token, private=private, exist_ok=True)
@@ -143,3 +165,24 @@ def push_to_hub(
         revision=revision,
         commit_message=commit_message or f"Upload Skeleton {meta['kind']} for {meta['task']}",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m skeleton.hub FOLDER OWNER/NAME`: push an artifact, an export or a run folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m skeleton.hub", description=main.__doc__)
+    parser.add_argument(
+        "artifact", help="skeleton artifact, export folder, or run folder (uses its skeleton/)"
+    )
+    parser.add_argument("repo_id", help="the Hub repo to create or update, owner/name")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--command", help="the command that made it, for the model card")
+    args = parser.parse_args(argv)
+    info = push_to_hub(args.artifact, args.repo_id, private=args.private or None, command=args.command)
+    print(f"pushed {args.artifact} to {info.repo_url}: commit {info.oid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

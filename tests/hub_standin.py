@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub API: just the endpoints huggingface_hub's real create_repo,
 upload_folder (preupload + NDJSON commit), repo_info, list_repo_tree and hf_hub_download call.
 
-Every file is declared a "regular" upload in preupload, so the client sends it base64-encoded inside the
+Writes need a bearer token, as on the Hub. Every file is declared a "regular" upload in preupload, so the client sends it base64-encoded inside the
 commit (no LFS or Xet transfer). Repos live in memory; each commit gets a 40-hex sha.
 """
 
@@ -149,6 +149,8 @@ class HubStandIn:
             def _route(self, method: str):
                 path = unquote(urlparse(self.path).path)
                 hub.requests.append((method, path))
+                if method == "POST" and not self.headers.get("Authorization", "").startswith("Bearer "):
+                    return self._send(401, {"error": "Invalid credentials in Authorization header"})
                 if method == "POST" and path == "/api/repos/create":
                     return self._send(*hub.create_repo(json.loads(self._body())))
                 if method == "POST" and path == "/api/validate-yaml":

@@ -1,5 +1,7 @@
 """push_to_hub and load-by-repo-id, through huggingface_hub's real client against a local Hub stand-in."""
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -9,6 +11,7 @@ from transformers import AutoModel
 
 from skeleton.export import export_pruned, load_pruned, load_skeleton
 from skeleton.hf_native import SkeletonForTask
+from skeleton.hub import main as hub_main
 from skeleton.hub import model_card, push_to_hub
 from skeleton.localize import ffn_widths
 from tests.hub_standin import HubStandIn
@@ -86,6 +89,25 @@ def test_export_loads_by_repo_id_and_a_second_push_is_a_new_commit(hub, tmp_path
     assert second.oid != first.oid and len(hub.repos["alice/sst2-pruned"].commits) == 2
     _, body = _card(hub, "alice/sst2-pruned")
     assert "90.00" in body and "88.00" in body and "trust_remote_code=True" in body
+
+
+def test_a_run_folder_is_pushed_with_its_scores_speedup_and_command(hub, tmp_path, capsys, monkeypatch):
+    model, identity, _ = _pruned()
+    run = tmp_path / "run"
+    _save(model, identity, run / "skeleton")
+    summary = {"dense": {"dev": {"accuracy": 0.814}}, "pruned": {"dev": {"accuracy": 0.797}}, "speedup": 1.47}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=quickstart\n- skeleton.psi=1.0\n")
+    extra = json.loads((run / "skeleton" / "skeleton.json").read_text())
+    extra["extra"]["headline"] = "accuracy"  # as runs record it
+    (run / "skeleton" / "skeleton.json").write_text(json.dumps(extra))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the command line takes the token the way the hub client does
+    assert hub_main([str(run), "carol/quickstart"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    _, body = _card(hub, "carol/quickstart")
+    assert "| dense score (accuracy) | 81.40 |" in body and "| pruned score (accuracy) | 79.70 |" in body
+    assert "x1.47" in body and "`skeleton-train experiment=quickstart skeleton.psi=1.0`" in body
 
 
 def test_a_local_folder_wins_over_a_repo_id(hub, tmp_path, monkeypatch):
