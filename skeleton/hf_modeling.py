@@ -178,14 +178,10 @@ def shrink_to_config(model: nn.Module, fam: Family) -> None:
 
 
 # ---- the classes ------------------------------------------------------------------------------------
-def _camel(family: str) -> str:
-    return getattr(transformers, FAMILIES[family].model).__name__[: -len("Model")]
-
-
 def _make_classes(family: str) -> tuple[type, type]:
     fam = FAMILIES[family]
     base_config, base_model = getattr(transformers, fam.config), getattr(transformers, fam.model)
-    name = f"SkeletonPruned{_camel(family)}"
+    name = f"SkeletonPruned{fam.model.removesuffix('Model')}"
     config_cls = type(
         f"{name}Config",
         (base_config,),

@@ -176,16 +176,16 @@ class PeftTaskModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backbone: nn.Module | None = None) -> PeftTaskModel:
-        """`backbone` defaults to `AutoModel.from_pretrained(base_model_name_or_path)`."""
-        from transformers import AutoModel
-
+        """`backbone` defaults to the adapter's `base_model_name_or_path`, loaded as Skeleton loads
+        backbones (a Hub name, a folder, `demo` or `tiny:<family>`)."""
+        from skeleton.backbones import load_backbone
         from skeleton.heads import TaskHead
         from skeleton.tasks import get_task
 
         peft, path = _peft(), Path(path)
         config = read_adapter_config(path)
         if backbone is None:
-            backbone = AutoModel.from_pretrained(config["base_model_name_or_path"])
+            backbone = load_backbone(config["base_model_name_or_path"])
         meta = json.loads((path / HEAD_META).read_text())
         task = get_task(meta["task"])
         head = TaskHead(task.formulation, meta["hidden_size"], task.num_labels, meta["head_hidden"])

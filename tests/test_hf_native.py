@@ -72,6 +72,15 @@ def test_automodel_loads_the_export_and_predictions_equal_the_skeleton(exports, 
         assert torch.equal(task_model(batch), model(batch))
 
 
+def test_a_natively_loaded_model_exports_again(exports, tmp_path):
+    model, path = exports["gpt2"]
+    again = export_pruned(load_pruned(path), tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["skeleton_ffn_widths"] == [22, 0]
+    batch = make_batch(rows=2, length=5, num_labels=2)
+    with torch.no_grad():
+        assert torch.equal(SkeletonForTask.from_pretrained(again)(batch), model(batch))
+
+
 def test_plain_exports_from_before_the_pruned_classes_still_load(exports):
     model, path = exports["bert"]
     legacy = path.parent / "legacy"

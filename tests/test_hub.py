@@ -9,17 +9,39 @@ from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModel
 
-from skeleton.export import export_pruned, load_pruned, load_skeleton
+from skeleton.bench import synthetic_batch
+from skeleton.export import export_pruned, load_pruned, load_skeleton, save_skeleton
 from skeleton.hf_native import SkeletonForTask
 from skeleton.hub import main as hub_main
 from skeleton.hub import model_card, push_to_hub
-from skeleton.localize import ffn_widths
+from skeleton.localize import ffn_widths, prune_ffn
+from skeleton.prompt import PromptTunedModel
 from tests.hub_standin import HubStandIn
-from tests.test_export import _logits, _pruned, _save
 from tests.tiny_models import one_thread  # noqa: F401
 
 TOKEN = "hf_standin_token"
 COMMAND = "skeleton-train task=sst2 model=tiny-bert skeleton.psi=1.0"
+
+
+KEEP_FFN = [torch.arange(0, 64, 3), torch.tensor([5, 1, 60, 7])]
+
+
+def _pruned():
+    """A pruned tiny-BERT prompt model, its dense identity, and a fixed batch."""
+    model = PromptTunedModel(backbone="tiny:bert", task="sst2", prompt={"num_tokens": 4})
+    identity = model.backbone_identity()
+    prune_ffn(model.backbone, KEEP_FFN)
+    return model.eval(), identity, synthetic_batch(model, 3, 9)
+
+
+def _save(model, identity, path):
+    extra = {"rate": 0.5, "psi": 1.0}
+    return save_skeleton(model, path, keep_ffn=KEEP_FFN, dense_identity=identity, extra=extra)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(batch)
 
 
 @pytest.fixture
