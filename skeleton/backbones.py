@@ -104,9 +104,8 @@ def _check_local(source: str) -> None:
 
 def _not_found(source: str, err: OSError) -> OSError:
     """Offline, transformers' error for a name it cannot find never says which name; this one does."""
-    offline = [
-        v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "") not in ("", "0")
-    ]
+    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    offline = [v for v in switches if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
     if not offline:
         return err
     return OSError(

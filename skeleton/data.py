@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -91,7 +91,8 @@ def load_hub(spec: TaskSpec, split: str, local_error: Exception | None = None):
         tried = f"{local_error} Also " if local_error else ""
         offline = offline_vars()
         why = (
-            f"the hub is offline ({' and '.join(offline)} set) and the local datasets cache does not hold it"
+            f"the hub is offline ({' and '.join(offline)} set) and the local datasets cache does not hold it "
+            f"({type(e).__name__}: {e})"
             if offline
             else f"{type(e).__name__}: {e}"
         )
@@ -220,6 +221,18 @@ def count_truncated(
         enc = tokenizer(list(a), None if b[0] is None else list(b), truncation=False, verbose=False)
         cut.update(int(owner[r]) for r, ids in zip(rows, enc["input_ids"]) if len(ids) > max_length)
     return len(cut)
+
+
+def read_cache(path: Path) -> tuple[dict[str, Tensor], int] | None:
+    """A cached split and its truncation count, or None to rebuild it: it is only a cache, so an
+    unreadable file (a full disk, a copy cut short) costs one tokenization, not the run."""
+    try:
+        with safe_open(path, "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (OSError, SafetensorError) as err:
+        log.warning(f"rebuilding the unreadable token cache {path} ({type(err).__name__}: {err})")
+        return None
+    return (tensors, int(meta["truncated"])) if "truncated" in meta else None
 
 
 class EmptySplitError(ValueError):
@@ -497,12 +510,11 @@ class TaskDataModule(L.LightningDataModule):
         """Tensors from the cache, or tokenized and cached with the truncation count in the metadata,
         so a cache hit reports it too."""
         path = self.cache_path(name, raw)
-        if path.is_file():
-            with safe_open(path, "pt") as f:
-                tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
-            if "truncated" in meta:
-                self.truncated[name] = (int(meta["truncated"]), len(tensors["labels"]))
-                return tensors
+        cached = read_cache(path) if path.is_file() else None
+        if cached is not None:
+            tensors, cut = cached
+            self.truncated[name] = (cut, len(tensors["labels"]))
+            return tensors
         examples = raw.examples()
         tensors = tokenize(examples, self.tokenizer, self.max_length)
         cut = count_truncated(examples, self.tokenizer, self.max_length, tensors)

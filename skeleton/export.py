@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from skeleton import hf_native, hub
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
 from skeleton.prompt import PromptTunedModel
@@ -102,6 +103,8 @@ def _normalise_keep(keep, current: list[int], what: str) -> list[torch.Tensor]:
 def resolve_artifact(path: str | Path) -> Path:
     """The artifact folder: `path` itself, or the `skeleton/` folder of a training run directory."""
     path = Path(path).expanduser()
+    if not path.exists() and hub.is_repo_id(path):  # not a local folder: a Hub repo id
+        return resolve_artifact(hub.resolve(path))
     if not path.exists():
         raise ArtifactError(f"{path} does not exist: pass a skeleton artifact, an export or a run folder")
     for candidate in (path, path / "skeleton"):
@@ -242,6 +245,7 @@ def load_skeleton(
 ) -> PromptTunedModel:
     """Rebuild the saved pruned model: dense backbone (verified by hash) -> prune -> prompt and head.
     Returned in eval mode; its predictions equal those of the model that was saved."""
+    path = resolve_artifact(path)  # a Hub repo id is downloaded once, here
     return apply_keep(build_dense(path, backbone, check_hash=check_hash), path)
 
 
@@ -266,7 +270,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     backbone = model.backbone
     backbone.config.skeleton_ffn_widths = ffn_widths(backbone)
     backbone.config.skeleton_heads_per_layer = heads_per_layer(backbone)
-    backbone.config.save_pretrained(path)
+    hf_native.save_config(backbone, path)  # loadable with AutoModel.from_pretrained
     save_file(_state_dict_for_safetensors(backbone), path / WEIGHTS, metadata={"format": "pt"})
     tokenizer_for(model).save_pretrained(path)
     save_file(model.trained_state(), path / TENSORS, metadata={"format": "pt"})
@@ -290,6 +294,8 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
 def build_pruned_backbone(path: str | Path) -> nn.Module:
     """The exported backbone: dense shapes from config.json, shrunk to the recorded widths, then loaded."""
     path = Path(path)
+    if hf_native.is_native(path):  # exports written since the pruned classes exist
+        return hf_native.load_backbone(path)
     state = read_tensors(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))
     resize_to_widths(backbone)
@@ -301,7 +307,7 @@ def build_pruned_backbone(path: str | Path) -> nn.Module:
 
 
 def load_pruned(path: str | Path) -> PromptTunedModel:
-    """Rebuild an exported model from its own folder only (no dense weights, no hub). Eval mode.
+    """Rebuild an exported model from its own folder (or Hub repo) only: no dense weights. Eval mode.
 
     The pruned backbone is rebuilt from the export's config and handed to the model ready-made."""
     path = resolve_artifact(path)
@@ -317,7 +323,8 @@ def load_pruned(path: str | Path) -> PromptTunedModel:
 
 
 def load_model(path: str | Path, backbone: str | None = None, *, check_hash: bool = True) -> PromptTunedModel:
-    """Any artifact (or a run folder): what the command-line tools accept."""
+    """Any artifact (or a run folder, or a Hub repo id): what the command-line tools accept."""
+    path = resolve_artifact(path)
     kind = read_meta(path)["kind"]
     if kind == KIND_EXPORT:
         return load_pruned(path)

@@ -54,9 +54,13 @@ def test_missing_folder_names_paths_and_fix(tmp_path, monkeypatch):
         FileNotFoundError, match=rf"sst2: no local train file SST-2/train.tsv; searched {tmp_path}"
     ):
         find_local(get_task("sst2"), "train", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"paths.data_dir is null and GLUE_DIR is unset.*set GLUE_DIR"):
+    with pytest.raises(
+        FileNotFoundError, match=r"paths.data_dir is null and GLUE_DIR is unset.*set GLUE_DIR"
+    ):
         find_local(get_task("sst2"), "train")
-    with pytest.raises(FileNotFoundError, match=r"paths.data_dir=/path/to/folder-with-glue-and-superglue") as e:
+    with pytest.raises(
+        FileNotFoundError, match=r"paths.data_dir=/path/to/folder-with-glue-and-superglue"
+    ) as e:
         find_local(get_task("sst2"), "train", tmp_path)
     assert "data.source=hub" in str(e.value) and "source='hub'" not in str(e.value)
     with pytest.raises(FileNotFoundError, match=r"axb has no 'train' split"):
