@@ -1,0 +1,370 @@
+"""Adapters inferred from a backbone's module structure, and the forward check every adapter must pass.
+
+For a family with no registered adapter, each layer's FFN and attention are found from shapes and names:
+the FFN is an up projection (and a gate) hidden -> d_ff and a down projection d_ff -> hidden; attention is
+query/key/value projections hidden -> heads * head_dim (key/value: kv_heads * head_dim, from the config)
+named q/query, k/key, v/value, and the output projection heads * head_dim -> hidden closest to them. Fused
+or ambiguous layouts are refused with what was not found, never guessed. `check_adapter` then proves the
+result on the real model in seconds: masking neurons changes the output, and slicing equals masking.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .arch import (
+    ADAPTER_FIX,
+    Adapter,
+    AttentionParts,
+    LayerParts,
+    UnsupportedArchitectureError,
+    get_adapter,
+    in_features,
+    layer_parts,
+    model_type_of,
+    out_features,
+    prune_separate_heads,
+    supported_model_types,
+)
+
+LINEAR = (nn.Linear, Conv1D)
+_Q, _K, _V = ("q", "query", "wq"), ("k", "key", "wk"), ("v", "value", "wv")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the config promises; inference matches module shapes against them."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int | None
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """Where one layer's parts are, as names relative to the layer."""
+
+    up: str
+    gate: str | None
+    down: str
+    attn: str
+    q: str
+    k: str
+    v: str
+    out: str
+
+
+def _first(config, names: tuple[str, ...]):
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def config_dims(config) -> Dims:
+    """Hidden size, head counts, head_dim and FFN width from a config, whatever the family calls them."""
+    hidden = _first(config, ("hidden_size", "n_embd", "d_model", "dim"))
+    heads = _first(config, ("num_attention_heads", "n_head", "n_heads", "num_heads"))
+    if hidden is None or heads is None:
+        raise unsupported(
+            getattr(config, "model_type", None), "its config names no hidden size or head count"
+        )
+    kv = _first(config, ("num_key_value_heads", "num_kv_heads", "n_kv_heads"))
+    if kv is None and getattr(config, "multi_query", False):
+        kv = 1
+    head_dim = _first(config, ("head_dim", "attention_head_size")) or hidden // heads
+    inter = _first(
+        config, ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff", "ffn_hidden_size")
+    )
+    return Dims(hidden, heads, kv or heads, head_dim, inter)
+
+
+def _role(name: str) -> str | None:
+    """'q', 'k' or 'v' from a projection's name (q_proj, query, k_lin, wv, ...)."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    token = leaf.split("_")[0]
+    for role, names in (("q", _Q), ("k", _K), ("v", _V)):
+        if token in names:
+            return role
+    return None
+
+
+def _common_prefix(names: list[str]) -> str:
+    split = [n.split(".")[:-1] for n in names]
+    common = []
+    for pieces in zip(*split):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def _shared_prefix_len(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Missing(UnsupportedArchitectureError):
+    """One part of a layer that inference could not find (the message says which)."""
+
+
+def _one(found: list[str], what: str) -> str:
+    if len(found) != 1:
+        raise _Missing(f"{what}: {'none' if not found else 'ambiguous between ' + ', '.join(found)}")
+    return found[0]
+
+
+def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
+    """Names of the FFN and attention projections of one layer, from shapes, names and placement."""
+    lins = {n: m for n, m in layer.named_modules() if isinstance(m, LINEAR)}
+    h, qw, kvw = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    readers = {n: m for n, m in lins.items() if in_features(m) == h}
+    roles: dict[str, list[str]] = {"q": [], "k": [], "v": []}
+    for n, m in readers.items():
+        role = _role(n)
+        if role and out_features(m) == (qw if role == "q" else kvw):
+            roles[role].append(n)
+    if not any(roles.values()) and any(out_features(m) == qw + 2 * kvw for m in readers.values()):
+        raise _Missing("separate query/key/value projections: this layer fuses them into one")
+    q, k, v = (_one(roles[r], f"{r} projection (hidden {h} -> {qw if r == 'q' else kvw})") for r in "qkv")
+    attn = _common_prefix([q, k, v])
+    rest = {n: m for n, m in lins.items() if n not in (q, k, v)}
+    outs = [n for n, m in rest.items() if in_features(m) == qw and out_features(m) == h]
+    if not outs:
+        raise _Missing(f"attention output projection ({qw} -> hidden {h})")
+    best = max(_shared_prefix_len(n, q) for n in outs)
+    out = _one([n for n in outs if _shared_prefix_len(n, q) == best], "attention output projection")
+    rest.pop(out)
+    widths = {dims.intermediate} if dims.intermediate else {out_features(m) for m in rest.values()} - {h}
+    for width in widths:
+        ups = [n for n, m in rest.items() if in_features(m) == h and out_features(m) == width]
+        downs = [n for n, m in rest.items() if in_features(m) == width and out_features(m) == h]
+        if ups and downs:
+            break
+    else:
+        fused = [n for n, m in rest.items() if dims.intermediate and out_features(m) == 2 * dims.intermediate]
+        what = "FFN: a fused gate/up projection " + fused[0] if fused else "FFN up/down projections"
+        raise _Missing(f"{what} (hidden {h} -> d_ff -> hidden {h})")
+    down = _one(downs, "FFN down projection")
+    gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
+    if len(ups) == 2 and len(gates) == 1:
+        return LayerNames(next(n for n in ups if n not in gates), gates[0], down, attn, q, k, v, out)
+    return LayerNames(_one(ups, "FFN up projection"), None, down, attn, q, k, v, out)
+
+
+def _parts(layer: nn.Module, names: LayerNames, dims: Dims) -> LayerParts:
+    get = layer.get_submodule
+    module = get(names.attn)
+    d = dims.head_dim
+    kv = out_features(get(names.k)) // d if dims.kv_heads != dims.heads else None
+    attn = AttentionParts(
+        module, get(names.q), get(names.k), get(names.v), get(names.out), d, num_kv_heads=kv
+    )
+    return LayerParts(get(names.up), get(names.gate) if names.gate else None, get(names.down), attn)
+
+
+def find_layer_list(backbone: nn.Module, dims: Dims) -> tuple[str, list[LayerNames]]:
+    """The ModuleList of transformer layers: the longest (then deepest) one whose every element holds one
+    FFN and one attention block, with the same names in each."""
+    found, errors = [], []
+    for name, module in backbone.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        try:
+            names = [infer_layer(layer, dims) for layer in module]
+        except _Missing as err:
+            errors.append(f"{name}: {err}")
+            continue
+        if len(set(names)) != 1:
+            errors.append(f"{name}: its layers are built differently")
+            continue
+        found.append((len(module), name.count("."), name, names))
+    if not found:
+        what = "; ".join(errors) or "no nn.ModuleList of layers"
+        raise unsupported(
+            model_type_of(backbone), f"inferring one from {type(backbone).__name__} failed: {what}"
+        )
+    _, _, name, names = max(found, key=lambda f: (f[0], f[1]))
+    return _relative_to_base(backbone, name), names
+
+
+def unsupported(model_type: str | None, what: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"no localization adapter for model_type={model_type!r}: none is registered (registered: "
+        f"{', '.join(supported_model_types())}) and {what}. To use it, {ADAPTER_FIX}"
+    )
+
+
+def _relative_to_base(backbone: nn.Module, name: str) -> str:
+    """`name` relative to the base model, so the same path serves a task wrapper and the bare model."""
+    base = getattr(backbone, "base_model", backbone)
+    if base is not backbone:
+        for prefix, module in backbone.named_modules():
+            if module is base and prefix and name.startswith(prefix + "."):
+                return name[len(prefix) + 1 :]
+    return name
+
+
+_INFERRED: dict[str, Adapter] = {}
+
+
+def inferred_adapter(backbone: nn.Module) -> Adapter:
+    """The inferred adapter for the backbone's family, inferred once per process from the dense model."""
+    model_type = model_type_of(backbone)
+    if model_type not in _INFERRED:
+        _INFERRED[model_type] = infer_adapter(backbone)
+    return _INFERRED[model_type]
+
+
+def infer_adapter(backbone: nn.Module) -> Adapter:
+    """An Adapter from the structure of `backbone` (dense shapes), without registering it."""
+    config = getattr(backbone, "config", None)
+    if config is None:
+        raise unsupported(None, f"{type(backbone).__name__} has no config")
+    dims = config_dims(config)
+    path, names = find_layer_list(backbone, dims)
+    layer_names = names[0]
+    return Adapter(path, lambda layer: _parts(layer, layer_names, dims), prune_separate_heads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The check
+
+
+class AdapterCheckError(UnsupportedArchitectureError):
+    """An adapter that fails the forward check on the real model: its slices would be wrong."""
+
+
+def _probe_copy(backbone: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor: slicing it assigns new Parameters to the copy's
+    modules only, so the real model is untouched and nothing large is copied."""
+    memo = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
+    return copy.deepcopy(backbone, memo).eval()
+
+
+def _probe_inputs(backbone: nn.Module) -> dict:
+    vocab = getattr(backbone.config, "vocab_size", None) or 100
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(vocab, 1000), (2, 7), generator=g)
+    ids[ids < 3] += 3  # stay clear of the usual special ids
+    device = next(backbone.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
+
+
+@torch.no_grad()
+def _forward(backbone: nn.Module, inputs: dict) -> torch.Tensor:
+    out = backbone(**inputs)
+    hidden = getattr(out, "last_hidden_state", None)
+    return (hidden if hidden is not None else out[0]).float()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol))
+
+
+def _shared_modules(parts: list[LayerParts]) -> list[str]:
+    seen: dict[int, int] = {}
+    clashes = []
+    for i, p in enumerate(parts):
+        mods = [p.up, p.gate, p.down, p.attn.q, p.attn.k, p.attn.v, p.attn.qkv, p.attn.out]
+        for m in mods:
+            if m is None:
+                continue
+            j = seen.setdefault(id(m), i)
+            if j != i:
+                clashes.append(f"layers {j} and {i} share {type(m).__name__}")
+    return clashes
+
+
+def _ffn_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
+    """Drop every other neuron, and all of the first layer's when there are several layers."""
+    keep = [torch.arange(1, p.ffn_width, 2) for p in parts]
+    if len(parts) > 1:
+        keep[0] = torch.zeros(0, dtype=torch.long)
+    return keep
+
+
+def _head_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
+    """Keep the second half of the key/value groups; the last layer keeps none when it can be skipped."""
+    from .skip import attention_skippable
+
+    keep = []
+    for p in parts:
+        g = p.attn.group_size
+        groups = torch.arange(p.attn.num_heads // g)
+        keep.append(torch.cat([torch.arange(k * g, (k + 1) * g) for k in groups[len(groups) // 2 :]]))
+    if len(parts) > 1 and attention_skippable(parts[-1]):
+        keep[-1] = torch.zeros(0, dtype=torch.long)
+    return keep
+
+
+def _check_slicing(backbone, inputs, ref, what: str, prune, keep) -> str | None:
+    """None when pruning a probe copy with `keep` equals masking the real model with it, else why not."""
+    from .masks import masked
+
+    mask_kw = {"ffn_keep": keep} if what == "FFN neurons" else {"head_keep": keep}
+    with masked(backbone, **mask_kw):
+        want = _forward(backbone, inputs)
+    if torch.equal(want, ref):
+        return f"masking {what} did not change the output (the masked point is not on the forward path)"
+    probe = _probe_copy(backbone)
+    try:
+        prune(probe, keep)
+        got = _forward(probe, inputs)
+    except Exception as err:  # any failure of the sliced forward is the finding, reported by name
+        return f"the forward with sliced {what} failed: {type(err).__name__}: {err}"
+    if not _close(got, want, next(backbone.parameters()).dtype):
+        return f"slicing {what} differs from masking them by {float((got - want).abs().max()):.3g}"
+    return None
+
+
+def check_adapter(backbone: nn.Module, *, heads: bool = True) -> Adapter:
+    """Resolve the backbone's adapter and prove it on the real model before any training: masking FFN
+    neurons (and heads) changes the output, and slicing a copy equals masking (an emptied FFN and attention
+    block included). The real model is left untouched. Raises UnsupportedArchitectureError (no adapter) or
+    AdapterCheckError (a wrong one) naming the model_type, what failed and the fix. When only head slicing
+    fails for an inferred adapter, head pruning is switched off for the family and FFN pruning stays.
+    Returns the adapter."""
+    from .prune import prune_ffn, prune_heads
+
+    adapter = get_adapter(backbone)
+    parts = layer_parts(backbone)
+    model_type = model_type_of(backbone)
+    clashes = _shared_modules(parts)
+    if clashes:
+        raise AdapterCheckError(
+            f"model_type={model_type!r}: {'; '.join(clashes)}; slicing one would silently change the other. "
+            f"List each shared layer once (one joint keep set): {ADAPTER_FIX}"
+        )
+    inputs = _probe_inputs(backbone)
+    ref = _forward(backbone, inputs)
+    failure = _check_slicing(backbone, inputs, ref, "FFN neurons", prune_ffn, _ffn_keep(parts))
+    if failure:
+        raise AdapterCheckError(
+            f"the adapter for model_type={model_type!r} fails its check: {failure}. {ADAPTER_FIX}"
+        )
+    if heads and adapter.prune_heads is not None:
+        failure = _check_slicing(backbone, inputs, ref, "attention heads", prune_heads, _head_keep(parts))
+        if failure and _INFERRED.get(model_type) is adapter:
+            _INFERRED[model_type] = adapter = replace(adapter, prune_heads=None)
+            print(
+                f"skeleton: head pruning is off for model_type={model_type!r} ({failure}); FFN pruning works"
+            )
+        elif failure:
+            raise AdapterCheckError(
+                f"the adapter for model_type={model_type!r} fails its head check: {failure}. {ADAPTER_FIX}"
+            )
+    return adapter
