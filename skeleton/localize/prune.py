@@ -14,7 +14,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import get_adapter, group_heads, in_features, layer_parts, out_features, slice_in, slice_out
+from .arch import (
+    get_adapter,
+    group_heads,
+    in_features,
+    kv_groups,
+    layer_parts,
+    out_features,
+    slice_in,
+    slice_out,
+)
 from .masks import as_keep_mask
 from .skip import attention_skippable, refresh_skips
 
@@ -178,6 +187,7 @@ def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) 
                 "exactly; keep at least one head per layer (select_heads(..., min_per_layer=1))"
             )
         if len(idx) < p.attn.num_heads:
+            kv_groups(p.attn, idx)  # whole key/value groups, checked in every layer before any slicing
             todo.append((p, idx))
     if todo and adapter.prune_heads is None:
         raise NotImplementedError(f"head pruning is not implemented for {backbone.config.model_type}")
