@@ -255,6 +255,21 @@ def use_adapter(backbone: nn.Module, spec: str | None) -> Adapter:
     return get_adapter(backbone)
 
 
+def adopt_adapter(backbone: nn.Module, spec: str | None = None) -> str | None:
+    """Resolve the backbone's adapter now, as `spec` says (None = registered, else inferred), and return
+    the name to record with the model (`adapter_name`), so a reload uses the same one. A user spec that
+    cannot be resolved raises at once; with no spec, a family without any adapter gives None (prompt
+    tuning alone needs none; `check_adapter` refuses it before any localization)."""
+    if spec:
+        use_adapter(backbone, spec)
+        return spec
+    try:
+        get_adapter(backbone)
+    except UnsupportedArchitectureError:
+        return None
+    return adapter_name(backbone)
+
+
 def get_adapter(backbone: nn.Module) -> Adapter:
     model_type = model_type_of(backbone)
     spec = getattr(getattr(backbone, "config", None), "skeleton_adapter", None)

@@ -24,6 +24,7 @@ from .arch import (
     LayerParts,
     UnsupportedArchitectureError,
     get_adapter,
+    group_heads,
     in_features,
     layer_parts,
     model_type_of,
@@ -298,14 +299,15 @@ def _ffn_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
 
 
 def _head_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
-    """Keep the second half of the key/value groups; the last layer keeps none when it can be skipped."""
+    """Keep every other key/value group (a wrong head_dim splits heads then); the last layer keeps none
+    when it can be skipped."""
     from .skip import attention_skippable
 
     keep = []
     for p in parts:
         g = p.attn.group_size
-        groups = torch.arange(p.attn.num_heads // g)
-        keep.append(torch.cat([torch.arange(k * g, (k + 1) * g) for k in groups[len(groups) // 2 :]]))
+        groups = torch.arange(1, p.attn.num_heads // g, 2)
+        keep.append(group_heads(groups, g))
     if len(parts) > 1 and attention_skippable(parts[-1]):
         keep[-1] = torch.zeros(0, dtype=torch.long)
     return keep
