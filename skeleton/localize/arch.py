@@ -256,8 +256,8 @@ def use_adapter(backbone: nn.Module, spec: str | None) -> Adapter:
 
 
 def adopt_adapter(backbone: nn.Module, spec: str | None = None) -> str | None:
-    """Resolve the backbone's adapter now, as `spec` says (None = registered, else inferred), and return
-    the name to record with the model (`adapter_name`), so a reload uses the same one. A user spec that
+    """Resolve the backbone's adapter now, as `spec` says (None = registered, else inferred), keep its name
+    on `config.skeleton_adapter` and return it to record with the model, so a reload uses the same one. A user spec that
     cannot be resolved raises at once; with no spec, a family without any adapter gives None (prompt
     tuning alone needs none; `check_adapter` refuses it before any localization)."""
     if spec:
@@ -267,7 +267,8 @@ def adopt_adapter(backbone: nn.Module, spec: str | None = None) -> str | None:
         get_adapter(backbone)
     except UnsupportedArchitectureError:
         return None
-    return adapter_name(backbone)
+    backbone.config.skeleton_adapter = adapter_name(backbone)
+    return backbone.config.skeleton_adapter
 
 
 def get_adapter(backbone: nn.Module) -> Adapter:
