@@ -7,7 +7,20 @@ import time
 
 import pytest
 import torch
-from tiny_models import FFN, HEADS, HIDDEN, LAYERS, MAXPOS, STD, VOCAB, StandIn, make_batch, one_thread
+from tiny_models import (
+    FAMILIES,
+    FFN,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    MAXPOS,
+    STD,
+    VOCAB,
+    StandIn,
+    make_batch,
+    one_thread,
+    tiny_backbone,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from skeleton.localize import (
@@ -151,6 +164,16 @@ def test_pruned_equals_masked_with_heads(family):
         assert torch.equal(_forward(fresh, batch), _forward(pruned, batch))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registered_adapters_pass_the_check_with_heads(family):
+    backbone = tiny_backbone(family)
+    started = time.perf_counter()
+    adapter = check_adapter(backbone)
+    assert time.perf_counter() - started < 5
+    assert adapter is get_adapter(backbone) and adapter.prune_heads is not None
+    assert arch_mod.adapter_name(backbone) == "registered"
+
+
 def test_task_wrapper_uses_the_same_inferred_layers():
     cfg = tiny("ernie").config
     cfg.num_labels = 2
@@ -230,7 +253,7 @@ def test_head_slicing_that_fails_the_check_turns_head_pruning_off(family, capsys
         ("deberta", "fuses them"),
         ("gpt_neox", "fuses them"),
         ("bloom", "fuses them"),
-        ("falcon", "q projection"),
+        ("falcon", "fuses them"),
     ],
 )
 def test_unsupported_family_fails_within_seconds_naming_the_fix(family, what):

@@ -35,6 +35,7 @@ from .arch import (
 
 LINEAR = (nn.Linear, Conv1D)
 _Q, _K, _V = ("q", "query", "wq"), ("k", "key", "wk"), ("v", "value", "wv")
+_FUSED_NAMES = ("qkv", "query_key_value", "in_proj", "c_attn")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ def _role(name: str) -> str | None:
     return None
 
 
+def _fused_name(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return any(f in leaf for f in _FUSED_NAMES)
+
+
 def _common_prefix(names: list[str]) -> str:
     split = [n.split(".")[:-1] for n in names]
     common = []
@@ -137,7 +143,8 @@ def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
         role = _role(n)
         if role and out_features(m) == (qw if role == "q" else kvw):
             roles[role].append(n)
-    if not any(roles.values()) and any(out_features(m) == qw + 2 * kvw for m in readers.values()):
+    fused = [n for n, m in readers.items() if out_features(m) == qw + 2 * kvw or _fused_name(n)]
+    if not any(roles.values()) and fused:
         raise _Missing("separate query/key/value projections: this layer fuses them into one")
     q, k, v = (_one(roles[r], f"{r} projection (hidden {h} -> {qw if r == 'q' else kvw})") for r in "qkv")
     attn = _common_prefix([q, k, v])
