@@ -63,6 +63,10 @@ _EXTRA = {
     "gemma2": dict(head_dim=HIDDEN // HEADS, num_key_value_heads=HEADS),
     "stablelm": dict(num_key_value_heads=2),
     "albert": dict(embedding_size=16),
+    "bloom": dict(intermediate_size=None),  # its FFN is 4 x hidden
+    "falcon": dict(intermediate_size=None),
+    "squeezebert": dict(embedding_size=HIDDEN),
+    "t5": dict(d_model=HIDDEN, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS, d_kv=HIDDEN // HEADS),
 }
 # family -> (layers path suffix, up, gate, down, attention module, q, out)
 BERT_NAMES = (
@@ -247,23 +251,43 @@ def test_head_slicing_that_fails_the_check_turns_head_pruning_off(family, capsys
         prune_heads(pruned, [torch.tensor([0]), None])
 
 
+@pytest.mark.parametrize("family", ["deberta", "gpt_neox", "bloom", "falcon"])
+def test_fused_qkv_families_prune_ffn_and_mask_heads(family, capsys):
+    """A fused q/k/v projection has a family-specific layout: heads are scored and masked at the output
+    projection, FFN neurons are sliced; head slicing needs a registered or user adapter."""
+    dense, batch = tiny(family), make_batch()
+    adapter = check_adapter(dense)
+    assert adapter.prune_heads is None and "(fused q/k/v)" in capsys.readouterr().out
+    assert all(p.attn.qkv is not None and p.attn.q is None for p in layer_parts(dense))
+    ref = _forward(dense, batch)
+    with masked(dense, head_keep=[torch.tensor([0, 3]), None]):
+        assert not torch.allclose(_forward(dense, batch), ref, atol=1e-3)
+    width = layer_parts(dense)[0].ffn_width
+    keep = select_neurons([torch.rand(width), torch.rand(width)], 0.5)
+    with masked(dense, keep):
+        want = _forward(dense, batch)
+    pruned = copy.deepcopy(dense)
+    prune_ffn(pruned, keep)
+    torch.testing.assert_close(_forward(pruned, batch), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
-    "family,what",
+    "family,error,what",
     [
-        ("deberta", "fuses them"),
-        ("gpt_neox", "fuses them"),
-        ("bloom", "fuses them"),
-        ("falcon", "fuses them"),
+        ("phi3", UnsupportedArchitectureError, "fused gate/up projection mlp.gate_up_proj"),
+        ("squeezebert", UnsupportedArchitectureError, "q projection"),  # nn.Conv1d layers, channels first
+        ("t5", AdapterCheckError, "forward on a probe batch"),  # an encoder-decoder
     ],
 )
-def test_unsupported_family_fails_within_seconds_naming_the_fix(family, what):
+def test_unsupported_family_fails_within_seconds_naming_the_fix(family, error, what):
     backbone = tiny(family)
     started = time.perf_counter()
-    with pytest.raises(UnsupportedArchitectureError) as err:
+    with pytest.raises(error) as err:
         check_adapter(backbone)
     assert time.perf_counter() - started < 5
     msg = str(err.value)
-    assert f"model_type={family!r}" in msg and what in msg and "model.adapter=package.module:function" in msg
+    assert f"model_type={family!r}" in msg and what in msg
+    assert error is AdapterCheckError or "model.adapter=package.module:function" in msg
 
 
 def test_wrong_registered_adapter_fails_the_check():

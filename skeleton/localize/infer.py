@@ -51,16 +51,17 @@ class Dims:
 
 @dataclass(frozen=True)
 class LayerNames:
-    """Where one layer's parts are, as names relative to the layer."""
+    """Where one layer's parts are, as names relative to the layer (q/k/v, or one fused qkv)."""
 
     up: str
     gate: str | None
     down: str
     attn: str
-    q: str
-    k: str
-    v: str
+    q: str | None
+    k: str | None
+    v: str | None
     out: str
+    qkv: str | None = None
 
 
 def _first(config, names: tuple[str, ...]):
@@ -133,11 +134,9 @@ def _one(found: list[str], what: str) -> str:
     return found[0]
 
 
-def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
-    """Names of the FFN and attention projections of one layer, from shapes, names and placement."""
-    lins = {n: m for n, m in layer.named_modules() if isinstance(m, LINEAR)}
-    h, qw, kvw = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    readers = {n: m for n, m in lins.items() if in_features(m) == h}
+def _find_qkv(readers: dict, dims: Dims) -> tuple[str | None, str | None, str | None, str | None]:
+    """(q, k, v, None) for separate projections, (None, None, None, qkv) for one fused projection."""
+    qw, kvw = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     roles: dict[str, list[str]] = {"q": [], "k": [], "v": []}
     for n, m in readers.items():
         role = _role(n)
@@ -145,16 +144,15 @@ def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
             roles[role].append(n)
     fused = [n for n, m in readers.items() if out_features(m) == qw + 2 * kvw or _fused_name(n)]
     if not any(roles.values()) and fused:
-        raise _Missing("separate query/key/value projections: this layer fuses them into one")
-    q, k, v = (_one(roles[r], f"{r} projection (hidden {h} -> {qw if r == 'q' else kvw})") for r in "qkv")
-    attn = _common_prefix([q, k, v])
-    rest = {n: m for n, m in lins.items() if n not in (q, k, v)}
-    outs = [n for n, m in rest.items() if in_features(m) == qw and out_features(m) == h]
-    if not outs:
-        raise _Missing(f"attention output projection ({qw} -> hidden {h})")
-    best = max(_shared_prefix_len(n, q) for n in outs)
-    out = _one([n for n in outs if _shared_prefix_len(n, q) == best], "attention output projection")
-    rest.pop(out)
+        return None, None, None, _one(fused, "fused query/key/value projection")
+    width = {"q": qw, "k": kvw, "v": kvw}
+    q, k, v = (_one(roles[r], f"{r} projection (hidden {dims.hidden} -> {width[r]})") for r in "qkv")
+    return q, k, v, None
+
+
+def _find_ffn(rest: dict, dims: Dims) -> tuple[str, str | None, str]:
+    """(up, gate, down): hidden -> d_ff (one or two, the gate named so) and d_ff -> hidden."""
+    h = dims.hidden
     widths = {dims.intermediate} if dims.intermediate else {out_features(m) for m in rest.values()} - {h}
     for width in widths:
         ups = [n for n, m in rest.items() if in_features(m) == h and out_features(m) == width]
@@ -162,24 +160,44 @@ def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
         if ups and downs:
             break
     else:
-        fused = [n for n, m in rest.items() if dims.intermediate and out_features(m) == 2 * dims.intermediate]
+        inter = dims.intermediate
+        fused = [n for n, m in rest.items() if inter and out_features(m) == 2 * inter]
         what = "FFN: a fused gate/up projection " + fused[0] if fused else "FFN up/down projections"
         raise _Missing(f"{what} (hidden {h} -> d_ff -> hidden {h})")
     down = _one(downs, "FFN down projection")
     gates = [n for n in ups if "gate" in n.rsplit(".", 1)[-1].lower()]
     if len(ups) == 2 and len(gates) == 1:
-        return LayerNames(next(n for n in ups if n not in gates), gates[0], down, attn, q, k, v, out)
-    return LayerNames(_one(ups, "FFN up projection"), None, down, attn, q, k, v, out)
+        return next(n for n in ups if n not in gates), gates[0], down
+    return _one(ups, "FFN up projection"), None, down
+
+
+def infer_layer(layer: nn.Module, dims: Dims) -> LayerNames:
+    """Names of the FFN and attention projections of one layer, from shapes, names and placement."""
+    lins = {n: m for n, m in layer.named_modules() if isinstance(m, LINEAR)}
+    h, qw = dims.hidden, dims.heads * dims.head_dim
+    q, k, v, qkv = _find_qkv({n: m for n, m in lins.items() if in_features(m) == h}, dims)
+    attn_names = [q, k, v] if qkv is None else [qkv]
+    rest = {n: m for n, m in lins.items() if n not in attn_names}
+    outs = [n for n, m in rest.items() if in_features(m) == qw and out_features(m) == h]
+    if not outs:
+        raise _Missing(f"attention output projection ({qw} -> hidden {h})")
+    best = max(_shared_prefix_len(n, attn_names[0]) for n in outs)
+    closest = [n for n in outs if _shared_prefix_len(n, attn_names[0]) == best]
+    out = _one(closest, "attention output projection")
+    rest.pop(out)
+    up, gate, down = _find_ffn(rest, dims)
+    return LayerNames(up, gate, down, _common_prefix(attn_names), q, k, v, out, qkv)
 
 
 def _parts(layer: nn.Module, names: LayerNames, dims: Dims) -> LayerParts:
     get = layer.get_submodule
-    module = get(names.attn)
-    d = dims.head_dim
-    kv = out_features(get(names.k)) // d if dims.kv_heads != dims.heads else None
-    attn = AttentionParts(
-        module, get(names.q), get(names.k), get(names.v), get(names.out), d, num_kv_heads=kv
-    )
+    module, out, d = get(names.attn), get(names.out), dims.head_dim
+    if names.qkv is not None:
+        attn = AttentionParts(module, None, None, None, out, d, qkv=get(names.qkv))
+    else:
+        kv = out_features(get(names.k)) // d if dims.kv_heads != dims.heads else None
+        q, k, v = get(names.q), get(names.k), get(names.v)
+        attn = AttentionParts(module, q, k, v, out, d, num_kv_heads=kv)
     return LayerParts(get(names.up), get(names.gate) if names.gate else None, get(names.down), attn)
 
 
@@ -244,7 +262,10 @@ def infer_adapter(backbone: nn.Module) -> Adapter:
     dims = config_dims(config)
     path, names = find_layer_list(backbone, dims)
     layer_names = names[0]
-    return Adapter(path, lambda layer: _parts(layer, layer_names, dims), prune_separate_heads)
+    # A fused q/k/v projection has a family-specific layout (per head or per projection): heads are
+    # scored and masked, but not sliced.
+    prune_heads = None if layer_names.qkv else prune_separate_heads
+    return Adapter(path, lambda layer: _parts(layer, layer_names, dims), prune_heads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,12 +380,20 @@ def check_adapter(backbone: nn.Module, *, heads: bool = True) -> Adapter:
             f"List each shared layer once (one joint keep set): {ADAPTER_FIX}"
         )
     inputs = _probe_inputs(backbone)
-    ref = _forward(backbone, inputs)
+    try:
+        ref = _forward(backbone, inputs)
+    except Exception as err:  # the check needs a plain forward: report why there is none
+        raise AdapterCheckError(
+            f"model_type={model_type!r}: the backbone's forward on a probe batch of input_ids failed "
+            f"({type(err).__name__}: {err}); localization needs a model whose forward takes input_ids alone"
+        ) from err
     failure = _check_slicing(backbone, inputs, ref, "FFN neurons", prune_ffn, _ffn_keep(parts))
     if failure:
         raise AdapterCheckError(
             f"the adapter for model_type={model_type!r} fails its check: {failure}. {ADAPTER_FIX}"
         )
+    if heads and adapter.prune_heads is None and _INFERRED.get(model_type) is adapter:
+        print(f"skeleton: head pruning is off for model_type={model_type!r} (fused q/k/v); FFN pruning works")
     if heads and adapter.prune_heads is not None:
         failure = _check_slicing(backbone, inputs, ref, "attention heads", prune_heads, _head_keep(parts))
         if failure and _INFERRED.get(model_type) is adapter:

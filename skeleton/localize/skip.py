@@ -1,14 +1,17 @@
 """Skip sublayers whose units are all pruned, exactly.
 
-An attention block with no heads left (or an FFN with no neurons) contributes only the bias of its output
-projection, or nothing; an attention forward cannot even run on zero heads (it reshapes with -1 heads).
-So such a module's class is swapped for a subclass whose forward computes only that bias path, and a layer
-left with neither is bypassed once its first call shows it returns its input unchanged (pre-norm layers
-without output biases). Parameters, hooks and state-dict keys stay as they are, and the swap follows from
-the shapes alone, so `resize_to_widths` on a fresh backbone installs the same skips before a reload.
+An attention block with no heads left contributes only the bias of its output projection, or nothing, but
+its forward cannot even run on zero heads (it reshapes with -1 heads): its class is swapped for a subclass
+whose forward computes only that bias path. An FFN with no neurons needs no swap: its zero-width
+projections already compute just the down projection's bias, at no cost. A layer left with neither is
+bypassed once its first call shows it returns its input unchanged (pre-norm layers without output biases).
+Parameters, hooks and state-dict keys stay as they are, and the swaps follow from the shapes alone, so
+`resize_to_widths` on a fresh backbone installs the same skips before a reload.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -38,13 +41,6 @@ class _EmptyAttention:
         empty = _hidden_states(args, kwargs)[..., :0]
         name = self._skeleton_out
         return (self.get_submodule(name)(empty) if name else empty), None
-
-
-class _EmptyFFN:
-    """Forward of an FFN with no neurons: the down projection of zero channels (its bias)."""
-
-    def forward(self, *args, **kwargs):
-        return self.get_submodule(self._skeleton_down)(_hidden_states(args, kwargs)[..., :0])
 
 
 class _BypassLayer:
@@ -99,39 +95,17 @@ def attention_skippable(parts: LayerParts) -> bool:
     a = parts.attn
     if parts.layer is not None and a.module is parts.layer:
         return False
+    if any("residual" in name for name in inspect.signature(a.module.forward).parameters):
+        return False  # it adds the residual itself (BLOOM, Falcon)
     return _only_holds(a.module, [a.q, a.k, a.v, a.qkv, a.out], _HEAD_LOCAL_PREFIXES)
 
 
-def _ffn_module(parts: LayerParts) -> nn.Module | None:
-    """The module holding up, gate and down and nothing else, or None (e.g. they sit in the layer itself)."""
-    if parts.layer is None:
-        return None
-    names = [_relative_name(parts.layer, m) for m in (parts.up, parts.gate, parts.down) if m is not None]
-    if any(n is None for n in names):
-        return None
-    split = [n.split(".") for n in names]
-    common = []
-    for pieces in zip(*split):
-        if len(set(pieces)) != 1:
-            break
-        common.append(pieces[0])
-    common = common[: min(len(s) for s in split) - 1]
-    if not common:
-        return None
-    ffn = parts.layer.get_submodule(".".join(common))
-    return ffn if _only_holds(ffn, [parts.up, parts.gate, parts.down]) else None
-
-
 def refresh_skips(parts: list[LayerParts]) -> None:
-    """Install the skips the current shapes call for: empty attention, empty FFN, both (bypass)."""
+    """Install the skips the current shapes call for: an empty attention block, an empty layer (bypass)."""
     for p in parts:
         no_heads, no_neurons = p.attn.num_heads == 0, p.ffn_width == 0
         if no_heads and attention_skippable(p):
             p.attn.module._skeleton_out = _relative_name(p.attn.module, p.attn.out) or ""
             _swap(p.attn.module, _EmptyAttention)
-        ffn = _ffn_module(p) if no_neurons else None
-        if ffn is not None:
-            ffn._skeleton_down = _relative_name(ffn, p.down)
-            _swap(ffn, _EmptyFFN)
         if no_heads and no_neurons and p.layer is not None:
             _swap(p.layer, _BypassLayer)
