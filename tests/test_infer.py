@@ -234,13 +234,15 @@ def test_modules_shared_between_listed_layers_are_refused():
 
 
 @pytest.mark.parametrize("family", ["mpnet", "nystromformer"])
-def test_head_slicing_that_fails_the_check_turns_head_pruning_off(family, capsys):
+def test_head_slicing_that_fails_the_check_turns_head_pruning_off(family, caplog):
     """MPNet adds a per-head relative position bias and Nystromformer a per-head convolution that inference
     does not know: the check sees slicing heads differ from masking them, so only FFN pruning stays."""
     dense, batch = tiny(family), make_batch()
     adapter = check_adapter(dense)
     assert adapter.prune_heads is None and get_adapter(dense) is adapter
-    assert "head pruning is off" in capsys.readouterr().out
+    assert "head pruning is off" in caplog.text
+    with pytest.raises(AdapterCheckError, match="head_rate=0"):
+        check_adapter(dense, require_heads=True)
     keep = select_neurons([torch.rand(FFN), torch.rand(FFN)], 0.5)
     with masked(dense, keep):
         want = _forward(dense, batch)
@@ -252,12 +254,12 @@ def test_head_slicing_that_fails_the_check_turns_head_pruning_off(family, capsys
 
 
 @pytest.mark.parametrize("family", ["deberta", "gpt_neox", "bloom", "falcon"])
-def test_fused_qkv_families_prune_ffn_and_mask_heads(family, capsys):
+def test_fused_qkv_families_prune_ffn_and_mask_heads(family, caplog):
     """A fused q/k/v projection has a family-specific layout: heads are scored and masked at the output
     projection, FFN neurons are sliced; head slicing needs a registered or user adapter."""
     dense, batch = tiny(family), make_batch()
     adapter = check_adapter(dense)
-    assert adapter.prune_heads is None and "(fused q/k/v)" in capsys.readouterr().out
+    assert adapter.prune_heads is None and "fused q/k/v" in caplog.text
     assert all(p.attn.qkv is not None and p.attn.q is None for p in layer_parts(dense))
     ref = _forward(dense, batch)
     with masked(dense, head_keep=[torch.tensor([0, 3]), None]):

@@ -11,6 +11,7 @@ result on the real model in seconds: masking neurons changes the output, and sli
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,8 @@ from .arch import (
     prune_separate_heads,
     supported_model_types,
 )
+
+log = logging.getLogger(__name__)
 
 LINEAR = (nn.Linear, Conv1D)
 _Q, _K, _V = ("q", "query", "wq"), ("k", "key", "wk"), ("v", "value", "wv")
@@ -243,15 +246,22 @@ def _relative_to_base(backbone: nn.Module, name: str) -> str:
     return name
 
 
-_INFERRED: dict[str, Adapter] = {}
+_INFERRED: dict[tuple, Adapter] = {}
+
+
+def _cache_key(backbone: nn.Module) -> tuple:
+    """One inferred adapter per family and size: the parts closure holds the config's head_dim."""
+    return model_type_of(backbone), type(backbone).__name__, config_dims(backbone.config)
 
 
 def inferred_adapter(backbone: nn.Module) -> Adapter:
     """The inferred adapter for the backbone's family, inferred once per process from the dense model."""
-    model_type = model_type_of(backbone)
-    if model_type not in _INFERRED:
-        _INFERRED[model_type] = infer_adapter(backbone)
-    return _INFERRED[model_type]
+    if getattr(backbone, "config", None) is None:
+        raise unsupported(None, f"{type(backbone).__name__} has no config")
+    key = _cache_key(backbone)
+    if key not in _INFERRED:
+        _INFERRED[key] = infer_adapter(backbone)
+    return _INFERRED[key]
 
 
 def infer_adapter(backbone: nn.Module) -> Adapter:
@@ -361,14 +371,47 @@ def _check_slicing(backbone, inputs, ref, what: str, prune, keep) -> str | None:
     return None
 
 
-def check_adapter(backbone: nn.Module, *, heads: bool = True) -> Adapter:
-    """Resolve the backbone's adapter and prove it on the real model before any training: masking FFN
-    neurons (and heads) changes the output, and slicing a copy equals masking (an emptied FFN and attention
-    block included). The real model is left untouched. Raises UnsupportedArchitectureError (no adapter) or
-    AdapterCheckError (a wrong one) naming the model_type, what failed and the fix. When only head slicing
-    fails for an inferred adapter, head pruning is switched off for the family and FFN pruning stays.
-    Returns the adapter."""
-    from .prune import prune_ffn, prune_heads
+def _reference(backbone: nn.Module, inputs: dict, model_type) -> torch.Tensor:
+    try:
+        return _forward(backbone, inputs)
+    except Exception as err:  # the check needs a plain forward: report why there is none
+        raise AdapterCheckError(
+            f"model_type={model_type!r}: the backbone's forward on a probe batch of input_ids failed "
+            f"({type(err).__name__}: {err}); localization needs a model whose forward takes input_ids alone"
+        ) from err
+
+
+def _check_heads(backbone, adapter: Adapter, inputs, ref, parts, model_type) -> tuple[Adapter, str | None]:
+    """The adapter after the head check and, when head pruning is off, why. A failing inferred adapter
+    loses head pruning (FFN pruning stays); a failing registered or user adapter is an error."""
+    from .prune import prune_heads
+
+    if adapter.prune_heads is None:
+        return adapter, "the adapter slices no heads (e.g. a fused q/k/v projection)"
+    failure = _check_slicing(backbone, inputs, ref, "attention heads", prune_heads, _head_keep(parts))
+    if failure is None:
+        return adapter, None
+    key = _cache_key(backbone)
+    if _INFERRED.get(key) is not adapter:
+        raise AdapterCheckError(
+            f"the adapter for model_type={model_type!r} fails its head check: {failure}. {ADAPTER_FIX}"
+        )
+    _INFERRED[key] = adapter = replace(adapter, prune_heads=None)
+    return adapter, failure
+
+
+def check_adapter(backbone: nn.Module, *, heads: bool = True, require_heads: bool = False) -> Adapter:
+    """Resolve the backbone's adapter and prove it on the real model, before any training: masking FFN
+    neurons (and heads) changes the output, and slicing a probe copy equals masking (an emptied FFN and
+    attention block included). The real model is left untouched (and in its train/eval mode); the probe
+    batch is 2 x 7 tokens, so this takes seconds.
+
+    Raises UnsupportedArchitectureError (no adapter) or AdapterCheckError (a wrong one) naming the
+    model_type, what failed and the fix. When head slicing fails for an inferred adapter, head pruning is
+    switched off for the family (logged; FFN pruning stays), unless `require_heads` (e.g. head_rate > 0),
+    which makes it an error. heads=False skips the head check. Returns the adapter to use.
+    """
+    from .prune import prune_ffn
 
     adapter = get_adapter(backbone)
     parts = layer_parts(backbone)
@@ -379,30 +422,26 @@ def check_adapter(backbone: nn.Module, *, heads: bool = True) -> Adapter:
             f"model_type={model_type!r}: {'; '.join(clashes)}; slicing one would silently change the other. "
             f"List each shared layer once (one joint keep set): {ADAPTER_FIX}"
         )
-    inputs = _probe_inputs(backbone)
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
     try:
-        ref = _forward(backbone, inputs)
-    except Exception as err:  # the check needs a plain forward: report why there is none
-        raise AdapterCheckError(
-            f"model_type={model_type!r}: the backbone's forward on a probe batch of input_ids failed "
-            f"({type(err).__name__}: {err}); localization needs a model whose forward takes input_ids alone"
-        ) from err
-    failure = _check_slicing(backbone, inputs, ref, "FFN neurons", prune_ffn, _ffn_keep(parts))
-    if failure:
-        raise AdapterCheckError(
-            f"the adapter for model_type={model_type!r} fails its check: {failure}. {ADAPTER_FIX}"
-        )
-    if heads and adapter.prune_heads is None and _INFERRED.get(model_type) is adapter:
-        print(f"skeleton: head pruning is off for model_type={model_type!r} (fused q/k/v); FFN pruning works")
-    if heads and adapter.prune_heads is not None:
-        failure = _check_slicing(backbone, inputs, ref, "attention heads", prune_heads, _head_keep(parts))
-        if failure and _INFERRED.get(model_type) is adapter:
-            _INFERRED[model_type] = adapter = replace(adapter, prune_heads=None)
-            print(
-                f"skeleton: head pruning is off for model_type={model_type!r} ({failure}); FFN pruning works"
-            )
-        elif failure:
+        inputs = _probe_inputs(backbone)
+        ref = _reference(backbone, inputs, model_type)
+        failure = _check_slicing(backbone, inputs, ref, "FFN neurons", prune_ffn, _ffn_keep(parts))
+        if failure:
             raise AdapterCheckError(
-                f"the adapter for model_type={model_type!r} fails its head check: {failure}. {ADAPTER_FIX}"
+                f"the adapter for model_type={model_type!r} fails its check: {failure}. {ADAPTER_FIX}"
             )
+        if heads or require_heads:
+            adapter, off = _check_heads(backbone, adapter, inputs, ref, parts, model_type)
+            if off and require_heads:
+                raise AdapterCheckError(
+                    f"head pruning is not available for model_type={model_type!r}: {off}. Prune FFN neurons "
+                    f"only (skeleton.pruning.head_rate=0), or {ADAPTER_FIX}"
+                )
+            if off:
+                log.warning("head pruning is off for model_type=%r (%s); FFN pruning works", model_type, off)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     return adapter
