@@ -312,6 +312,10 @@ def test_wrong_registered_adapter_fails_the_check():
 
 def test_check_leaves_the_real_model_untouched():
     backbone, batch = tiny("opt"), make_batch()
+    backbone.train()
+    check_adapter(backbone)
+    assert all(m.training for m in backbone.modules())  # its modes restored
+    backbone.eval()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     ref = _forward(backbone, batch)
     check_adapter(backbone)

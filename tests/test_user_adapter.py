@@ -40,6 +40,23 @@ def test_without_the_user_adapter_the_fused_family_prunes_ffn_only():
     assert check_adapter(model.backbone).prune_heads is None
 
 
+def test_a_function_that_registers_an_adapter_is_used():
+    from skeleton.backbones import load_backbone
+    from skeleton.localize import arch
+
+    backbone = load_backbone("tiny:bert")
+    backbone.config.model_type = "bert-user"
+    try:
+        assert (
+            arch.adopt_adapter(backbone, "tests.user_adapter:register_bert_like")
+            == "tests.user_adapter:register_bert_like"
+        )
+        assert get_adapter(backbone) is arch._ADAPTERS["bert-user"]
+        assert check_adapter(backbone).prune_heads is not None
+    finally:
+        arch._ADAPTERS.pop("bert-user", None)
+
+
 @pytest.mark.parametrize(
     "spec,what", [("no_such_pkg.mod:fn", "cannot be imported"), ("bare", "not 'package")]
 )

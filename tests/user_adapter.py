@@ -41,3 +41,11 @@ def deberta_v1() -> Adapter:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
     return Adapter("encoder.layer", _deberta_v1_parts, _deberta_v1_prune_heads)
+
+
+def register_bert_like() -> None:
+    """The other form: register an adapter for the model_type and return nothing."""
+    from skeleton.localize import register_adapter
+    from skeleton.localize.arch import _bert_parts, prune_separate_heads
+
+    register_adapter("bert-user", Adapter("encoder.layer", _bert_parts, prune_separate_heads), overwrite=True)
