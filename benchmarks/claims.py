@@ -24,12 +24,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from skeleton.bench import measure_latency
-from skeleton.callback import AttributionConfig, PruningConfig, SkeletonCallback, first_examples
+from skeleton import summary as run_summary
+from skeleton.bench import first_examples, measure_latency
 from skeleton.evaluate import evaluate, predict_logits, to_device
 from skeleton.export import build_dense, load_skeleton
 from skeleton.localize import masked, select_neurons
+from skeleton.localize.config import SkeletonConfig
+from skeleton.pipeline import score_model
 from skeleton.reuse import PromptCache
+from skeleton.summary import RunSummary
 
 # name -> overrides of the run's attribution settings; the first is the run's own ranking
 CRITERIA = {
@@ -54,19 +57,16 @@ def curves(name: str, model, datamodule, cfg, rates=RATES) -> dict[str, list[lis
     headline = model.task.headline
     dev = datamodule.dev_dataloader()
     out = {}
+    scope = cfg.skeleton.pruning.scope
     for criterion, overrides in CRITERIA.items():
-        attribution = OmegaConf.to_container(cfg.skeleton.attribution)
-        attribution.update(heads=False, **overrides)
+        attribution = {**OmegaConf.to_container(cfg.skeleton.attribution), "heads": False, **overrides}
         scores = cached_scores(cfg) if not overrides else None  # the run's own, if its cache is here
         if scores is None:
-            scorer = SkeletonCallback(
-                attribution=AttributionConfig(**attribution),
-                pruning=PruningConfig(scope=cfg.skeleton.pruning.scope),
-            )
-            scores = scorer.score(model, datamodule)
+            settings = SkeletonConfig.from_dict({"attribution": attribution, "pruning": {"scope": scope}})
+            scores = score_model(model, datamodule, settings, report=lambda _: None)
         points = []
         for rate in rates:
-            with masked(model.backbone, select_neurons(scores, rate, scope=cfg.skeleton.pruning.scope)):
+            with masked(model.backbone, select_neurons(scores, rate, scope=scope)):
                 points.append([rate, evaluate(model, dev)[headline]])
             print(f"  {name} {criterion:36s} rate {rate:.2f}: {points[-1][1]:.4f}", flush=True)
         out[criterion] = points
@@ -90,11 +90,9 @@ def dense_model(run: Path, cfg):
 
 
 def cached_scores(cfg):
-    """The scores the run itself ranked by, from the prompt cache (iterative scoring is the slow part)."""
-    try:
-        return PromptCache(cfg, cfg.paths.cache_dir).load_scores()
-    except Exception:  # no cache on this machine: score again
-        return None
+    """The scores the run itself ranked by, from the prompt cache (iterative scoring is the slow part);
+    None when this machine has no cache entry for the run (then it scores again)."""
+    return PromptCache(cfg, cfg.paths.cache_dir).load_scores()
 
 
 def speedup_at(dense, pruned, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:
@@ -148,26 +146,25 @@ def paired_noise(dense, pruned, datamodule) -> dict | None:
     }
 
 
-def claim_row(summary: dict, speed: dict, noise: dict | None = None) -> dict:
-    headline = summary["headline_metric"]
-    dense, pruned = summary["dense"]["dev"][headline], summary["pruned"]["dev"][headline]
-    recovered = summary.get("recovered", {}).get("dev", {}).get(headline)
+def claim_row(run: RunSummary, speed: dict, noise: dict | None = None) -> dict:
+    out = run.skeleton
+    dense, pruned, recovered = run.score("dense"), run.score("pruned"), run.score("recovered")
     final = pruned if recovered is None else recovered
-    params = summary["backbone_params"]
+    params = out.backbone_params
     return {
-        "task": summary["task"],
-        "psi": summary["psi"],
-        "headline": headline,
+        "task": run.task,
+        "psi": out.psi,
+        "headline": run.headline_metric,
         "dense_dev": 100 * dense,
         "pruned_dev": 100 * pruned,
         "pruned_drop": 100 * (dense - pruned),
         "recovered_dev": None if recovered is None else 100 * recovered,
-        "recovery_steps": summary.get("skeleton_config", {}).get("recovery", {}).get("steps", 0),
+        "recovery_steps": out.skeleton_config.get("recovery", {}).get("steps", 0),
         "drop": 100 * (dense - final),
         "noise": noise,
-        "ffn_pruned": 100 * (1 - summary["ffn"]["kept_fraction"]),
-        "backbone_params_pruned": 100 * (1 - params["pruned"]["total"] / params["dense"]["total"]),
-        "layer_params_pruned": 100 * (1 - params["pruned"]["layers"] / params["dense"]["layers"]),
+        "ffn_pruned": 100 * (1 - out.ffn.kept_fraction),
+        "backbone_params_pruned": 100 * (1 - params.pruned["total"] / params.dense["total"]),
+        "layer_params_pruned": 100 * (1 - params.pruned["layers"] / params.dense["layers"]),
         "cpu": speed,
     }
 
@@ -231,13 +228,13 @@ def main(argv=None) -> None:
     rows, all_curves = [], {}
     for run in args.runs:
         started = time.perf_counter()
-        summary = json.loads((run / "summary.json").read_text())
+        summary = run_summary.read(run)
         datamodule, cfg = datamodule_of(run)
         dense, pruned = dense_model(run, cfg), load_skeleton(run / "skeleton").eval()
         speed = speedup_at(dense, pruned, datamodule, repeats=args.repeats)
         rows.append(claim_row(summary, speed, paired_noise(dense, pruned, datamodule)))
-        all_curves[summary["task"]] = curves(run.name, dense, datamodule, cfg)
-        print(f"{summary['task']}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        all_curves[summary.task] = curves(run.name, dense, datamodule, cfg)
+        print(f"{summary.task}: done in {time.perf_counter() - started:.0f}s", flush=True)
     table = markdown(rows)
     (args.out / "claims.md").write_text(table + "\n")
     (args.out / "claims.json").write_text(json.dumps({"rows": rows, "curves": all_curves}, indent=2))

@@ -7,20 +7,21 @@ and speedups read as ratios within one run, next to the FLOP-based ideal speedup
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
+from transformers import AutoModel
 
 from skeleton.evaluate import to_device
+from skeleton.export import KIND_EXPORT, apply_keep, build_dense, load_pruned, read_meta
 from skeleton.localize import backbone_flops, count_parameters
 
 
@@ -79,6 +80,42 @@ def measure_latency(models: dict[str, nn.Module], batch: dict, *, repeats: int =
     return {name: _stats(t, examples) for name, t in times.items()}
 
 
+def first_examples(batch: dict, n: int) -> dict:
+    """The first ``n`` examples of a batch: ``n * num_choices`` backbone rows, ``n`` labels."""
+    rows = batch["input_ids"].shape[0]
+    choices = batch.get("num_choices", 1)
+    keep = {rows: n * choices, rows // choices: n}
+
+    def cut(value):
+        if torch.is_tensor(value) and value.dim() and value.shape[0] in keep:
+            return value[: keep[value.shape[0]]]
+        return value
+
+    return {k: cut(v) for k, v in batch.items()}
+
+
+def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) -> dict:
+    """Dense vs pruned on one real batch of ``loader`` (sorted by length: the middle batch is typical),
+    interleaved, medians. ``model`` is the pruned model; its prompt and head run on both backbones."""
+    batches = list(loader)
+    if not batches:
+        raise ValueError("cannot time the models: the dev split is empty")
+    batch = first_examples(batches[len(batches) // 2], bench.batch_size)
+    batch = to_device(batch, _device_of(model))
+    timings = measure_latency(
+        {"dense": model.on_backbone(dense_backbone), "pruned": model}, batch, repeats=bench.repeats
+    )
+    dense_ms, pruned_ms = timings["dense"]["median_ms"], timings["pruned"]["median_ms"]
+    return {
+        "batch_size": int(batch["input_ids"].shape[0]),
+        "seq_len": int(batch["input_ids"].shape[1]),
+        "dense_ms": dense_ms,
+        "pruned_ms": pruned_ms,
+        "speedup": dense_ms / max(pruned_ms, 1e-9),
+        "device": str(_device_of(model)),
+    }
+
+
 def synthetic_batch(
     model: nn.Module,
     batch_size: int,
@@ -109,7 +146,7 @@ def default_devices() -> tuple[str, ...]:
 
 def parameter_summary(dense: nn.Module, pruned: nn.Module) -> dict:
     """Backbone parameter counts. `layers` (the transformer layers alone) is what pruning shrinks; the
-    total also holds the embeddings (about half of MiniLM), which pruning does not touch."""
+    total also holds the embeddings, which pruning does not touch."""
     return {"dense": count_parameters(dense.backbone), "pruned": count_parameters(pruned.backbone)}
 
 
@@ -183,9 +220,6 @@ def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, 
 
 
 def print_table(rows: list[dict], params: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     table = Table(
         title="dense vs pruned: medians of interleaved runs",
@@ -205,88 +239,21 @@ def print_table(rows: list[dict], params: dict, console=None) -> None:
         console.print(f"{label:>12} params: {d[key]:,} -> {p[key]:,} ({share:.1f}%)")
 
 
-# ---- command line --------------------------------------------------------------------------------
+# ---- dense and pruned models to compare ------------------------------------------------------------
 def dense_twin(pruned: nn.Module) -> nn.Module:
-    """A dense copy of an exported model for timing: same config without the pruned widths, random
-    weights (latency depends on shapes only), so no dense weights are needed."""
-    from transformers import AutoModel
-
+    """The exported model's prompt and head on a dense backbone of the same config with random weights
+    (latency depends on shapes only), so timing an export needs no dense weights."""
     config = copy.deepcopy(pruned.backbone.config)
     for key in ("skeleton_ffn_widths", "skeleton_heads_per_layer"):
         if hasattr(config, key):
             delattr(config, key)
-    twin = copy.deepcopy(pruned)
-    twin.backbone = AutoModel.from_config(config).eval().requires_grad_(False)
-    return twin
+    return pruned.on_backbone(AutoModel.from_config(config).eval().requires_grad_(False))
 
 
 def load_pair(path: str | Path, backbone: str | None = None) -> tuple[nn.Module, nn.Module]:
     """(dense, pruned) models for an artifact, an export or a run folder."""
-    from skeleton.export import KIND_EXPORT, apply_keep, build_dense, load_pruned, read_meta
-
     if read_meta(path)["kind"] == KIND_EXPORT:
         pruned = load_pruned(path)
         return dense_twin(pruned), pruned
     dense = build_dense(path, backbone)
     return dense, apply_keep(copy.deepcopy(dense), path)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 1,8,32, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="skeleton-bench",
-        description="Time the dense and the pruned model, interleaved, and compare with the FLOP-ideal speedup.",
-    )
-    parser.add_argument(
-        "artifact", help="skeleton artifact, export folder, or run folder (uses its skeleton/)"
-    )
-    parser.add_argument(
-        "--backbone", help="dense backbone to rebuild a skeleton on (overrides skeleton.json)"
-    )
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
-    parser.add_argument("--seq-lens", type=_ints, default=[32, 128])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    parser.add_argument("--output", default="bench.json", help="where to write the rows as JSON")
-    args = parser.parse_args(argv)
-    from skeleton.export import ArtifactError, BackboneMismatchError, resolve_artifact
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    devices = default_devices() if args.device == "all" else (args.device,)
-    try:
-        path = resolve_artifact(args.artifact)
-        dense, pruned = load_pair(path, args.backbone)
-    except (ArtifactError, BackboneMismatchError, FileNotFoundError) as err:
-        print(f"skeleton-bench: error: {err}", file=sys.stderr)
-        return 2
-    rows = benchmark(dense, pruned, args.batch_sizes, args.seq_lens, devices, args.repeats, args.warmup)
-    result = {
-        "artifact": str(path),
-        "task": pruned.task.name,
-        "params": parameter_summary(dense, pruned),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
-        "rows": rows,
-    }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

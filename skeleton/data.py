@@ -70,7 +70,7 @@ def find_local(spec: TaskSpec, split: str, data_dir: str | Path | None = None) -
 
 def load_hub(spec: TaskSpec, split: str, local_error: Exception | None = None):
     """The hub mirror of one split, or a FileNotFoundError that says what was tried and how to fix it."""
-    import datasets
+    import datasets  # only for hub data: a local folder never needs it
 
     hub_split = spec.hub_splits[split]
     try:

@@ -1,6 +1,11 @@
 """Save, reload and serve pruned models: safetensors + JSON only (nothing is ever unpickled).
 
-Two artifact kinds, both described by a ``skeleton.json``:
+Three artifact kinds share one layout: ``skeleton.safetensors`` (the trained prompt + head, as
+``PromptTunedModel.trained_state()`` gives them, plus kept indices where there are any) and ``skeleton.json``
+(kind, task, model arguments, the dense backbone's identity), written last so its presence marks a
+complete folder:
+
+- **prompt** (``save_trained`` / ``load_trained``): prompt + head only; the prompt cache's entries.
 
 - **skeleton** (``save_skeleton`` / ``load_skeleton``): a few hundred KB holding the prompt, the head and
   the kept neuron (and head) indices, but no backbone weights. Loading rebuilds the dense backbone it was
@@ -9,31 +14,31 @@ Two artifact kinds, both described by a ``skeleton.json``:
   weights, its HF config (carrying the per-layer widths), the tokenizer files, the prompt and the head.
   Loading needs no dense weights at all.
 
-``skeleton-predict`` serves either kind on a file in the task's official format.
+``skeleton.predict`` runs either kind on inputs; ``skeleton-predict`` is its command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel
 
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
 from skeleton.prompt import PromptTunedModel
+from skeleton.runs import write_json_atomic
 
 FORMAT_VERSION = 1
 META = "skeleton.json"
 TENSORS = "skeleton.safetensors"
 WEIGHTS = "model.safetensors"
-KIND_SKELETON, KIND_EXPORT = "skeleton", "export"
+KIND_PROMPT, KIND_SKELETON, KIND_EXPORT = "prompt", "skeleton", "export"
+KINDS = (KIND_PROMPT, KIND_SKELETON, KIND_EXPORT)
 
 
 class BackboneMismatchError(ValueError):
@@ -51,29 +56,9 @@ def model_hparams(model: PromptTunedModel) -> dict:
     return {n: model.hparams[n] for n in names if n in model.hparams}
 
 
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
-
-
-def _trained_tensors(model: PromptTunedModel) -> dict[str, torch.Tensor]:
-    tensors = {"prompt.embeddings": model.prompt.embeddings}
-    tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _load_trained(model: PromptTunedModel, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        model.prompt.embeddings.copy_(tensors["prompt.embeddings"])
-    head = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
-    model.head.load_state_dict(head, strict=True)
+def _trained_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prompt + head part of an artifact's tensors (the rest are kept indices)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("keep.")}
 
 
 def _indices(keep, width: int) -> torch.Tensor:
@@ -118,7 +103,7 @@ def resolve_artifact(path: str | Path) -> Path:
 def read_meta(path: str | Path) -> dict:
     path = resolve_artifact(path)
     meta = json.loads((path / META).read_text())
-    if meta.get("kind") not in (KIND_SKELETON, KIND_EXPORT):
+    if meta.get("kind") not in KINDS:
         raise ArtifactError(f"{path / META} is not a skeleton artifact (kind={meta.get('kind')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
@@ -148,23 +133,46 @@ def save_skeleton(
     heads = (
         None if keep_heads is None else _normalise_keep(keep_heads, heads_per_layer(backbone), "keep_heads")
     )
-    tensors = _trained_tensors(model)
-    tensors.update({f"keep.ffn.{i}": k for i, k in enumerate(ffn)})
+    tensors = {f"keep.ffn.{i}": k for i, k in enumerate(ffn)}
     tensors.update({f"keep.heads.{i}": k for i, k in enumerate(heads or [])})
-    save_file(tensors, path / TENSORS, metadata={"format": "pt"})
-    meta = {
-        "kind": KIND_SKELETON,
-        "format_version": FORMAT_VERSION,
-        "task": model.task.name,
-        "backbone": {"name_or_path": dense_identity["name_or_path"], "sha256": dense_identity["sha256"]},
-        "model": model_hparams(model),
+    layout = {
         "num_layers": len(ffn),
         "ffn_widths": [len(k) for k in ffn],
         "heads_per_layer": None if heads is None else [len(k) for k in heads],
+    }
+    return _write_artifact(model, path, KIND_SKELETON, dense_identity, tensors, layout, extra)
+
+
+def save_trained(model: PromptTunedModel, path: str | Path, *, extra: dict | None = None) -> Path:
+    """A prompt + head artifact (no kept indices): what the prompt cache stores per converged prompt.
+    Taken before pruning, so the identity is the dense backbone's."""
+    return _write_artifact(model, Path(path), KIND_PROMPT, model.backbone_identity(), {}, {}, extra)
+
+
+def _write_artifact(model, path: Path, kind: str, identity: dict, tensors: dict, layout: dict, extra) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{TENSORS}.tmp"
+    save_file({**model.trained_state(), **tensors}, tmp, metadata={"format": "pt"})
+    tmp.replace(path / TENSORS)
+    meta = {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "task": model.task.name,
+        "backbone": {"name_or_path": identity["name_or_path"], "sha256": identity["sha256"]},
+        "model": model_hparams(model),
+        **layout,
         "extra": extra or {},
     }
-    _write_json(path / META, meta)  # last: a folder with a skeleton.json is complete
+    write_json_atomic(path / META, meta)  # last: a folder with a skeleton.json is complete
     return path
+
+
+def load_trained(model: PromptTunedModel, path: str | Path) -> dict:
+    """Put an artifact's prompt and head into ``model`` (checked against it); returns its metadata."""
+    path = resolve_artifact(path)
+    meta = read_meta(path)
+    model.load_trained_state(_trained_of(load_file(path / TENSORS)), source=str(path / TENSORS))
+    return meta
 
 
 def build_dense(
@@ -175,13 +183,13 @@ def build_dense(
     `backbone` overrides the backbone named in skeleton.json (e.g. a local copy of it)."""
     path = resolve_artifact(path)
     meta = read_meta(path)
-    if meta["kind"] != KIND_SKELETON:
+    if meta["kind"] == KIND_EXPORT:
         raise ArtifactError(f"{path} is an export (it holds pruned weights): load it with load_pruned")
     source = backbone or meta["backbone"]["name_or_path"]
     model = PromptTunedModel(**{**meta["model"], "backbone": source})
     if check_hash:
         _check_identity(model, meta, source, path)
-    _load_trained(model, load_file(path / TENSORS))
+    load_trained(model, path)
     model.skeleton_info = meta
     return model.eval()
 
@@ -243,8 +251,8 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     backbone.config.skeleton_heads_per_layer = heads_per_layer(backbone)
     backbone.config.save_pretrained(path)
     save_file(_state_dict_for_safetensors(backbone), path / WEIGHTS, metadata={"format": "pt"})
-    _tokenizer_for(model).save_pretrained(path)
-    save_file(_trained_tensors(model), path / TENSORS, metadata={"format": "pt"})
+    tokenizer_for(model).save_pretrained(path)
+    save_file(model.trained_state(), path / TENSORS, metadata={"format": "pt"})
     info = getattr(model, "skeleton_info", None) or {}
     dense = info.get("backbone") or {"name_or_path": model.backbone_name}
     meta = {
@@ -258,14 +266,12 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
         "heads_per_layer": backbone.config.skeleton_heads_per_layer,
         "extra": {**info.get("extra", {}), **(extra or {})},
     }
-    _write_json(path / META, meta)
+    write_json_atomic(path / META, meta)
     return path
 
 
 def build_pruned_backbone(path: str | Path) -> nn.Module:
     """The exported backbone: dense shapes from config.json, shrunk to the recorded widths, then loaded."""
-    from transformers import AutoConfig, AutoModel
-
     path = Path(path)
     state = load_file(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))
@@ -288,20 +294,22 @@ def load_pruned(path: str | Path) -> PromptTunedModel:
     backbone = build_pruned_backbone(path)
     model = PromptTunedModel(**{**meta["model"], "backbone": str(path)}, backbone_module=backbone)
     model.to(next(backbone.parameters()).dtype)  # prompt and head in the exported dtype too
-    _load_trained(model, load_file(path / TENSORS))
+    load_trained(model, path)
     model.skeleton_info = meta
     return model.eval()
 
 
 def load_model(path: str | Path, backbone: str | None = None, *, check_hash: bool = True) -> PromptTunedModel:
-    """Either kind of artifact (or a run folder): what the command-line tools accept."""
-    meta = read_meta(path)
-    if meta["kind"] == KIND_EXPORT:
+    """Any artifact (or a run folder): what the command-line tools accept."""
+    kind = read_meta(path)["kind"]
+    if kind == KIND_EXPORT:
         return load_pruned(path)
+    if kind == KIND_PROMPT:
+        return build_dense(path, backbone, check_hash=check_hash)
     return load_skeleton(path, backbone, check_hash=check_hash)
 
 
-def _tokenizer_for(model: PromptTunedModel):
+def tokenizer_for(model: PromptTunedModel):
     """The backbone's tokenizer; a local override folder without tokenizer files falls back to the
     backbone named in the artifact (same weights hash, so the same vocabulary)."""
     try:
@@ -311,125 +319,3 @@ def _tokenizer_for(model: PromptTunedModel):
         if not original or original == model.backbone_name:
             raise
         return load_tokenizer(original)
-
-
-# ---- skeleton-predict ----------------------------------------------------------------------------
-def read_inputs(spec, path: str | Path) -> list[dict]:
-    """Rows of an official-format file, refusing the other benchmark's format up front."""
-    from skeleton.tasks import DataFormatError, read_split
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    wanted = ".tsv" if spec.benchmark == "glue" else ".jsonl"
-    if path.suffix != wanted:
-        raise DataFormatError(
-            f"{path}: {spec.name} inputs are {spec.benchmark.upper()} {wanted[1:].upper()} files "
-            f"(like the official {spec.files.get('dev', spec.files.get('test'))}); got a {path.suffix or 'suffix-less'} file"
-        )
-    return read_split(spec, path)
-
-
-def prediction_record(spec, index: int, row: dict, n_choices: int, logits: torch.Tensor) -> dict:
-    """One output line: the label name (classification, COPA), the value (regression) or the chosen
-    candidate (ReCoRD), plus the raw scores."""
-    scores = logits[:n_choices] if spec.formulation == "multiple_choice" else logits.reshape(-1)
-    record: dict = {"index": index}
-    if spec.benchmark == "superglue" and "idx" in row:  # SuperGLUE submissions key on the file's idx
-        record["idx"] = row["idx"]
-    if spec.formulation == "regression":
-        record["prediction"] = float(scores[0])
-    else:
-        best = int(scores.argmax())
-        if spec.labels is not None:
-            record["prediction"] = spec.labels[best]
-        elif "entities" in row:
-            record["prediction"] = row["entities"][best]
-        else:
-            record["prediction"] = best
-    record["scores"] = [round(float(s), 6) for s in scores]
-    return record
-
-
-@torch.inference_mode()
-def predict_file(model, input_path, *, batch_size=64, max_length=128, limit=None, device="cpu"):
-    """Predict every example of an official-format file. Returns (records, metrics or None, seconds)."""
-    from torch.utils.data import DataLoader
-
-    from skeleton.data import TokenizedSplit, collator_for, tokenize
-    from skeleton.evaluate import to_device
-
-    spec = model.task
-    rows = read_inputs(spec, input_path)[:limit]
-    examples = [spec.convert(row) for row in rows]
-    tokenizer = _tokenizer_for(model)
-    dataset = TokenizedSplit(tokenize(examples, tokenizer, max_length))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator_for(tokenizer, spec))
-    labelled = bool(examples) and all(ex.label != -1 for ex in examples)
-    metrics = spec.build_metrics() if labelled else None
-    model.to(device).eval()
-    outputs = []
-    started = time.perf_counter()
-    for batch in loader:
-        logits = model(to_device(batch, device)).float().cpu()
-        outputs.append(logits)
-        if metrics is not None:
-            metrics.update(logits, batch)
-    seconds = time.perf_counter() - started
-    logits = [row for out in outputs for row in out]
-    records = [
-        prediction_record(spec, i, row, len(ex.texts), lg)
-        for i, (row, ex, lg) in enumerate(zip(rows, examples, logits))
-    ]
-    return records, (metrics.compute() if metrics is not None else None), seconds
-
-
-def predict_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="skeleton-predict",
-        description="Predict with a skeleton artifact, an export or a run folder on an official GLUE TSV / "
-        "SuperGLUE JSONL file. Writes one JSON line per example; prints throughput and, when the file "
-        "has gold labels, the task metrics.",
-    )
-    parser.add_argument(
-        "artifact", help="skeleton artifact, export folder, or run folder (uses its skeleton/)"
-    )
-    parser.add_argument("--input", required=True, help="official-format input file (labels optional)")
-    parser.add_argument("--output", default="preds.jsonl", help="where to write predictions (JSON lines)")
-    parser.add_argument(
-        "--backbone", help="dense backbone to rebuild a skeleton on (overrides skeleton.json)"
-    )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--limit", type=int, help="only the first N examples")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    from skeleton.tasks import DataFormatError
-
-    try:
-        model = load_model(args.artifact, args.backbone)
-        records, metrics, seconds = predict_file(
-            model,
-            args.input,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            limit=args.limit,
-            device=args.device,
-        )
-    except (ArtifactError, BackboneMismatchError, DataFormatError, FileNotFoundError) as err:
-        print(f"skeleton-predict: error: {err}", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    rate = len(records) / max(seconds, 1e-9)
-    print(f"{len(records)} examples in {seconds:.2f}s: {rate:.1f} examples/s ({args.device}); wrote {output}")
-    if metrics is not None:
-        print(f"{model.task.name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(predict_main())

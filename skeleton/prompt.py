@@ -7,6 +7,8 @@ mask and positions that cover them. Pooling reads real tokens, never soft ones.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -20,6 +22,13 @@ from skeleton.localize.arch import adopt_adapter
 from skeleton.tasks import get_task
 
 POOLINGS = ("mean", "first", "last", "prompt")
+TRAINED = ("prompt.", "head.")  # state-dict prefixes of what prompt tuning trains; the backbone never is
+
+
+class TrainedStateError(ValueError):
+    """A saved prompt + head that does not fit this model (another backbone size, task or prompt length)."""
+
+
 PROMPT_INITS = ("random", "vocab", "text")
 
 
@@ -248,7 +257,45 @@ class PromptTunedModel(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- checkpoints: what was trained, plus the backbone's identity ----------------------------
+    # ---- what was trained, and how to put it back ---------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The prompt and the head, on the CPU: the one format of checkpoints, the prompt cache and
+        skeleton artifacts (a backbone is never saved with them; its hash identifies it)."""
+        return {
+            k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(TRAINED)
+        }
+
+    def load_trained_state(self, state: Mapping[str, torch.Tensor], source: str = "trained state") -> None:
+        """Put a saved prompt and head back, refusing (naming ``source``) one that does not fit."""
+        own = self.trained_state()
+        missing = sorted(set(own) - set(state))
+        unknown = sorted(k for k in state if k not in own)
+        misshapen = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if missing or unknown or misshapen:
+            problem = (
+                f"missing {missing[:3]}"
+                if missing
+                else f"unknown keys {unknown[:3]}"
+                if unknown
+                else f"shapes differ: {misshapen[:3]}"
+            )
+            raise TrainedStateError(
+                f"{source} does not fit this model ({problem}): it was trained with another backbone, task, "
+                "prompt length or head; use the matching config, or delete it to train again"
+            )
+        self.load_state_dict(dict(state), strict=False)
+
+    def on_backbone(self, backbone: nn.Module) -> PromptTunedModel:
+        """This model's prompt and head (shared, not copied) on another backbone: the dense twin that a
+        pruned model is timed and compared against."""
+        twin = copy.copy(self)
+        twin._modules = {**self._modules, "backbone": backbone}
+        return twin
+
     def backbone_identity(self) -> dict:
         """Name and weights hash of the backbone; the hash is computed once per set of shapes (frozen)."""
         shapes = tuple(p.shape for p in self.backbone.parameters())
@@ -258,9 +305,7 @@ class PromptTunedModel(L.LightningModule):
         return dict(self._identity)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")
-        }
+        checkpoint["state_dict"] = self.trained_state()
         checkpoint["skeleton_backbone"] = self.backbone_identity()
 
 

@@ -3,7 +3,8 @@
 Prompt tuning and attribution do not depend on psi, so a margin sweep tunes each (task, model,
 seed, ...) once. The prompt (and head) are stored under the hash of every config key that can
 change them; scores under a hash that also covers the attribution settings. One more margin
-then costs one search, not one training. Safetensors + JSON only.
+then costs one search, not one training. An entry is a skeleton artifact without kept indices
+(``export.save_trained``): safetensors + JSON only.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 
 from skeleton import runs
+from skeleton.export import META, load_trained, save_trained
 from skeleton.localize import Scores
 
 # Keys that never change the trained prompt: where things are written, how runs are named and
@@ -50,7 +51,7 @@ NOT_SCORES = (
     "skeleton.restore_best",
 )
 
-PROMPT_FILE, META_FILE = "prompt.safetensors", "prompt.json"
+CACHE_FORMAT = 2  # entries are skeleton artifacts of kind "prompt" (format 1: prompt.safetensors)
 
 
 class PromptCache:
@@ -61,46 +62,24 @@ class PromptCache:
         self.prompt_key = runs.config_hash(config, NOT_PROMPT)
         score_exclude = tuple(k for k in NOT_PROMPT if k != "skeleton") + NOT_SCORES
         self.scores_key = runs.config_hash(config, score_exclude)
-        self.folder = Path(root) / "prompts" / self.prompt_key
+        self.folder = Path(root) / f"prompts-v{CACHE_FORMAT}" / self.prompt_key
 
     # ---- prompt + head ---------------------------------------------------------------------------
     def has_prompt(self) -> bool:
-        return (self.folder / META_FILE).exists()
+        return (self.folder / META).exists()
 
     def save_prompt(self, model: torch.nn.Module, meta: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in model.state_dict().items()
-            if k.startswith(("prompt.", "head."))
-        }
-        tmp = self.folder / f".{PROMPT_FILE}.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(self.folder / PROMPT_FILE)
-        runs.write_json_atomic(self.folder / META_FILE, meta)  # written last: marks the entry complete
+        save_trained(model, self.folder, extra=meta)
 
     def update_meta(self, extra: dict) -> None:
-        meta = json.loads((self.folder / META_FILE).read_text())
-        runs.write_json_atomic(self.folder / META_FILE, {**meta, **extra})
+        meta = json.loads((self.folder / META).read_text())
+        meta["extra"] = {**meta.get("extra", {}), **extra}
+        runs.write_json_atomic(self.folder / META, meta)
 
     def load_prompt(self, model: torch.nn.Module) -> dict:
-        """Load prompt + head into ``model``; returns the metadata saved with them."""
-        state = load_file(str(self.folder / PROMPT_FILE), device=str(model.device))
-        own = model.state_dict()
-        missing = [k for k in state if k not in own]
-        misshapen = [
-            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if missing or misshapen:
-            problem = f"unknown keys {missing[:3]}" if missing else f"shapes differ: {misshapen[:3]}"
-            raise RuntimeError(
-                f"cached prompt {self.folder} does not fit this model ({problem}); delete that folder "
-                "or run with reuse=false to train a new prompt"
-            )
-        model.load_state_dict(state, strict=False)
-        return json.loads((self.folder / META_FILE).read_text())
+        """Load prompt + head into ``model`` (refused, naming the entry, if they do not fit); returns
+        the metadata saved with them."""
+        return load_trained(model, self.folder).get("extra", {})
 
     # ---- attribution scores ---------------------------------------------------------------------
     @property

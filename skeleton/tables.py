@@ -1,42 +1,33 @@
-"""Paper tables and figures from finished runs: read ``summary.json`` files (or W&B runs), tabulate, plot.
+"""Paper tables and figures from finished runs: read run summaries (``summary.json`` files or W&B runs),
+tabulate, plot.
 
-Everything here reads only summaries, so a sweep can be re-tabled offline at any time, and torch is never
-imported. Scores in summaries are fractions; tables show points (x100), rates and kept fractions percent.
+Everything here reads only summaries, through ``skeleton.summary`` (one schema, one upgrade path), so a
+sweep can be re-tabled offline at any time, and torch is never imported. How a benchmark is scored (its
+tasks and their order, display names, MNLI's two dev sets counting as one task, the diagnostics left out,
+composite headlines) comes from the torch-free task registry, so the tables cannot drift from the metrics.
+Scores in summaries are fractions; tables show points (x100), rates and kept fractions percent.
+The command line lives in ``skeleton.cli.tables``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from skeleton import summary as schema
+from skeleton.summary import RunSummary, SummaryError
+from skeleton.tasks import BENCHMARKS, COMPOSITES, TASKS, display_name
+
 log = logging.getLogger(__name__)
 
-SUMMARY, ERROR, COMPLETE = "summary.json", "error.json", "complete"
-WANDB_KEY = "skeleton_summary"  # the training code logs the whole summary dict into the W&B config here
+ERROR = "error.json"
 GROUP = ("model", "psi", "criterion")
 KEY_NAMES = {"psi": "ψ (points)"}
-
-GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm", "qnli", "rte", "wnli")
-SUPERGLUE = ("boolq", "cb", "copa", "multirc", "record", "superglue-rte", "wic", "wsc", "axb", "axg")
-BENCHMARKS = {"glue": ("GLUE", GLUE), "superglue": ("SuperGLUE", SUPERGLUE)}
-DIAGNOSTICS = {"axb", "axg"}  # evaluation-only probes: not part of the official SuperGLUE score
-MNLI = {"mnli", "mnli-mm"}  # matched + mismatched are one GLUE task: averaged before the benchmark mean
-TASK_NAMES = {
-    "cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI-m",
-    "mnli-mm": "MNLI-mm", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI", "boolq": "BoolQ", "cb": "CB",
-    "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD", "superglue-rte": "RTE (SG)", "wic": "WiC",
-    "wsc": "WSC", "axb": "AX-b", "axg": "AX-g",
-}  # fmt: skip
-# Composite headlines, in case a summary lacks the composite key but has its parts.
-COMPOSITES = {"acc_f1": ("accuracy", "f1"), "pearson_spearman": ("pearson", "spearman"),
-              "acc_macro_f1": ("accuracy", "macro_f1")}  # fmt: skip
 # Table columns: (header, decimals). Scores in points, rate and params in percent.
 COLUMNS = {
     "dense_dev": ("Prompt tuning", 1),
@@ -45,17 +36,30 @@ COLUMNS = {
     "params_kept": ("Params kept (%)", 1),
     "speedup": ("Speedup (×)", 2),
 }
+# The flat frame's columns, one row per run (see ``to_frame``).
+FRAME_COLUMNS = ("task", "benchmark", "model", "seed", "psi", "criterion", "token_agg", "headline",
+                 "dense_dev", "pruned_dev", "dense_search", "pruned_search", "rate", "ffn_kept_fraction",
+                 "params_kept_fraction", "layers_kept_fraction", "speedup", "ideal_speedup",
+                 "train_seconds", "degenerate", "sweep", "run_dir")  # fmt: skip
 
 
 # ---- loading ---------------------------------------------------------------------------------------
 class Summaries(list):
-    """A list of complete summaries that also remembers what was skipped, so callers can report it."""
+    """A list of complete ``RunSummary``s that also remembers what was skipped, so callers can report it.
 
-    def __init__(self, items: Iterable[dict] = (), searched=(), failed=(), incomplete=()):
+    ``failed``: error.json paths (or W&B run paths); ``incomplete``: summary.json paths without
+    ``status: complete`` (or W&B runs still going); ``unreadable``: (path, reason) of summaries that
+    claim to be there but cannot be read (damaged JSON, a newer schema, fields this code does not know).
+    """
+
+    def __init__(
+        self, items: Iterable[RunSummary] = (), searched=(), failed=(), incomplete=(), unreadable=()
+    ):
         super().__init__(items)
         self.searched = list(searched)
-        self.failed = list(failed)  # error.json paths (or W&B run paths)
-        self.incomplete = list(incomplete)  # summary.json paths without status: complete
+        self.failed = list(failed)
+        self.incomplete = list(incomplete)
+        self.unreadable = list(unreadable)
 
     def __add__(self, other):
         other = other if isinstance(other, Summaries) else Summaries(other)
@@ -64,73 +68,103 @@ class Summaries(list):
             self.searched + other.searched,
             self.failed + other.failed,
             self.incomplete + other.incomplete,
+            self.unreadable + other.unreadable,
         )
 
     def report(self, limit: int = 5) -> str:
         where = ", ".join(map(str, self.searched)) or "nowhere"
         lines = [f"{len(self)} complete run(s) from {where}"]
-        for name, paths in (("failed", self.failed), ("incomplete", self.incomplete)):
-            if paths:
-                shown = "".join(f"\n  {p}" for p in paths[:limit])
-                more = f"\n  ... and {len(paths) - limit} more" if len(paths) > limit else ""
-                lines.append(f"{len(paths)} {name} run(s), skipped:{shown}{more}")
+        skipped = (
+            ("failed run(s)", list(map(str, self.failed))),
+            ("incomplete run(s)", list(map(str, self.incomplete))),
+            ("unreadable summary(ies)", [reason for _, reason in self.unreadable]),
+        )
+        for name, items in skipped:
+            if items:
+                shown = "".join(f"\n  {p}" for p in items[:limit])
+                more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+                lines.append(f"{len(items)} {name}, skipped:{shown}{more}")
         return "\n".join(lines)
 
 
 def load_summaries(path_or_paths: str | Path | Sequence[str | Path]) -> Summaries:
     """Complete summaries found recursively under each path (a sweep, a run folder or a summary.json).
 
-    Failed runs (``error.json`` and no complete summary) and unfinished ones are skipped but counted.
+    Failed runs (``error.json`` and no complete summary), unfinished ones and unreadable summaries are
+    skipped but counted, so one damaged file never hides the rest of a sweep.
     """
     paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
-    found, failed, incomplete, seen = [], [], [], set()
+    found, failed, incomplete, unreadable, seen = [], [], [], [], set()
     for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(root.rglob(SUMMARY)) + sorted(root.rglob(ERROR))
+        files = [root] if root.is_file() else sorted(root.rglob(schema.FILENAME)) + sorted(root.rglob(ERROR))
         for file in files:
             run_dir = file.parent.resolve()
             if run_dir in seen:
                 continue
             seen.add(run_dir)
-            summary = _read_json(run_dir / SUMMARY)
-            if summary and summary.get("status") == COMPLETE:
-                found.append(summary)
+            path = run_dir / schema.FILENAME
+            try:
+                run = _read_complete(path)
+            except SummaryError as err:
+                run, problem = None, (path, str(err))
+            else:
+                problem = None
+            if run is not None:
+                found.append(run)
             elif (run_dir / ERROR).exists():
                 failed.append(run_dir / ERROR)
+            elif problem:
+                unreadable.append(problem)
             else:
-                incomplete.append(run_dir / SUMMARY)
-    result = Summaries(found, paths, failed, incomplete)
+                incomplete.append(path)
+    result = Summaries(found, paths, failed, incomplete, unreadable)
     log.info(result.report())
     return result
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_complete(path: Path) -> RunSummary | None:
+    """The summary at ``path`` if it is complete; None if absent or unfinished; SummaryError if damaged."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = schema.read_json(path)
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        raise SummaryError(f"{path} cannot be read ({err})") from None
+    if data.get("status") != schema.COMPLETE:
+        return None
+    return RunSummary.from_dict(data, str(path))
 
 
 def load_wandb(project: str, entity: str | None = None, filters: dict | None = None, api=None) -> Summaries:
     """Summaries of W&B runs, read from each run's config key ``skeleton_summary``.
 
     ``project`` may be ``ENTITY/PROJECT``. Pass ``api`` to reuse a ``wandb.Api`` (or a stand-in in tests).
+    A summary without a ``run_dir`` gets the W&B run path there, so every table row says where it came from.
     """
     if api is None:
         import wandb
 
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
-    found, failed, incomplete = [], [], []
+    found, failed, incomplete, unreadable = [], [], [], []
     for run in api.runs(path, filters=filters):
-        summary = _unwrap(dict(run.config).get(WANDB_KEY))
+        data = _unwrap(dict(run.config).get(schema.WANDB_KEY))
         name = "/".join(map(str, getattr(run, "path", None) or [path, run.id]))
-        if isinstance(summary, dict) and summary.get("status") == COMPLETE:
-            found.append({**summary, "wandb_run": name})
+        if isinstance(data, dict) and data.get("status") == schema.COMPLETE:
+            try:
+                summary = RunSummary.from_dict(data, source=f"wandb:{name}")
+            except SummaryError as err:
+                unreadable.append((name, str(err)))
+                continue
+            summary.run_dir = summary.run_dir or name
+            found.append(summary)
         elif getattr(run, "state", "") in ("failed", "crashed"):
             failed.append(name)
+        elif data is not None and not isinstance(data, dict):
+            unreadable.append((name, f"wandb:{name}: config key {schema.WANDB_KEY!r} is not a summary"))
         else:
             incomplete.append(name)
-    return Summaries(found, [f"wandb:{path}"], failed, incomplete)
+    return Summaries(found, [f"wandb:{path}"], failed, incomplete, unreadable)
 
 
 def _unwrap(value):
@@ -145,53 +179,56 @@ def _unwrap(value):
     return value
 
 
+def _summaries(items: Iterable[RunSummary | Mapping]) -> list[RunSummary]:
+    """Summaries as given; plain dicts (a summary.json's content) go through the schema first."""
+    return [s if isinstance(s, RunSummary) else RunSummary.from_dict(dict(s), "summary dict") for s in items]
+
+
 # ---- flat frame ------------------------------------------------------------------------------------
-def to_frame(summaries: Iterable[dict]) -> pd.DataFrame:
+def to_frame(summaries: Iterable[RunSummary | Mapping]) -> pd.DataFrame:
     """One flat row per run: scores in points, rates and kept fractions as fractions."""
-    return pd.DataFrame([_row(s) for s in summaries], columns=list(_row({}).keys()))
+    return pd.DataFrame([_row(s) for s in _summaries(summaries)], columns=list(FRAME_COLUMNS))
 
 
-def _row(s: dict) -> dict:
-    headline = s.get("headline_metric")
-    dense, pruned = s.get("dense") or {}, s.get("pruned") or {}
-    params = s.get("backbone_params") or {}
-    attribution = (s.get("skeleton_config") or {}).get("attribution") or {}
+def _row(s: RunSummary) -> dict:
+    headline, sk = s.headline_metric, s.skeleton
+    attribution = ((sk.skeleton_config if sk else None) or {}).get("attribution") or {}
     return {
-        "task": s.get("task"),
-        "benchmark": s.get("benchmark") or _benchmark_of(s.get("task")),
-        "model": s.get("model"),
-        "seed": s.get("seed"),
-        "psi": s.get("psi"),
-        "criterion": s.get("criterion") or attribution.get("criterion"),
+        "task": s.task,
+        "benchmark": s.benchmark or _benchmark_of(s.task),
+        "model": s.model,
+        "seed": s.seed,
+        "psi": sk.psi if sk else None,
+        "criterion": (sk.criterion if sk else None) or attribution.get("criterion"),
         "token_agg": attribution.get("token_agg"),
         "headline": headline,
-        "dense_dev": _points(dense.get("dev"), headline),
-        "pruned_dev": _points(pruned.get("dev"), headline),
-        "dense_search": _points(dense.get("search"), headline),
-        "pruned_search": _points(pruned.get("search"), headline),
-        "rate": _num(s.get("rate")),
-        "ffn_kept_fraction": _num((s.get("ffn") or {}).get("kept_fraction")),
-        "params_kept_fraction": _ratio(params, "total"),
-        "layers_kept_fraction": _ratio(params, "layers"),
-        "speedup": _num(s.get("speedup")),
-        "ideal_speedup": _num((s.get("flops") or {}).get("ideal_speedup")),
-        "train_seconds": _num((s.get("train") or {}).get("seconds")),
-        # summaries written before the "degenerate" key had no other warning
-        "degenerate": bool(s.get("degenerate", bool(s.get("warnings")))),
-        "sweep": s.get("sweep"),
-        "run_dir": s.get("run_dir") or s.get("wandb_run"),
+        "dense_dev": _points(s.dense.dev, headline),
+        "pruned_dev": _points(sk.pruned.dev if sk else None, headline),
+        "dense_search": _points(s.dense.search, headline),
+        "pruned_search": _points(sk.pruned.search if sk else None, headline),
+        "rate": _num(sk.rate if sk else None),
+        "ffn_kept_fraction": _num(sk.ffn.kept_fraction if sk else None),
+        "params_kept_fraction": _ratio(sk.backbone_params if sk else None, "total"),
+        "layers_kept_fraction": _ratio(sk.backbone_params if sk else None, "layers"),
+        "speedup": _num(sk.latency.speedup if sk else None),
+        "ideal_speedup": _num(sk.flops.ideal_speedup if sk else None),
+        "train_seconds": _num((s.train or {}).get("seconds")),
+        "degenerate": bool(sk.degenerate) if sk else False,
+        "sweep": s.sweep,
+        "run_dir": s.run_dir,
     }
 
 
 def _benchmark_of(task: str | None) -> str | None:
-    return next((b for b, (_, tasks) in BENCHMARKS.items() if task in tasks), None)
+    spec = TASKS.get(task)
+    return spec.benchmark if spec else None
 
 
 def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def _points(scores: dict | None, headline: str | None) -> float:
+def _points(scores: Mapping | None, headline: str | None) -> float:
     """The headline score in points; rebuilds a composite (mean of its parts) when only the parts exist."""
     scores = scores or {}
     if headline in scores:
@@ -202,8 +239,10 @@ def _points(scores: dict | None, headline: str | None) -> float:
     return math.nan
 
 
-def _ratio(params: dict, key: str) -> float:
-    dense, pruned = (params.get(k) or {} for k in ("dense", "pruned"))
+def _ratio(params, key: str) -> float:
+    if params is None:
+        return math.nan
+    dense, pruned = params.dense or {}, params.pruned or {}
     return _num(pruned.get(key)) / _num(dense.get(key)) if dense.get(key) else math.nan
 
 
@@ -238,23 +277,36 @@ def paper_table(frame: pd.DataFrame, group: Sequence[str] = GROUP) -> pd.DataFra
 
 
 def _task_order(task: str) -> tuple:
-    order = GLUE + SUPERGLUE
+    """Registration order of the task registry (GLUE, then SuperGLUE, each in leaderboard order)."""
+    order = list(TASKS)
     return (order.index(task), "") if task in order else (len(order), str(task))
+
+
+def _unit(task: str) -> str:
+    """The leaderboard task a row counts toward: MNLI matched and mismatched are both "mnli"."""
+    spec = TASKS.get(task)
+    return spec.score_unit if spec else task
+
+
+def _is_diagnostic(task: str) -> bool:
+    spec = TASKS.get(task)
+    return bool(spec and spec.diagnostic)
 
 
 def _with_average(stats: pd.DataFrame, benchmark: str) -> pd.DataFrame:
     """Append the benchmark's average row (the mean of per-task means) to its task rows."""
-    members = stats[~stats["task"].isin(DIAGNOSTICS)]
+    members = stats[~stats["task"].map(_is_diagnostic)]
     if members.empty:
         return stats
-    unit = members["task"].where(~members["task"].isin(MNLI), "mnli")  # MNLI-m/-mm count once
+    unit = members["task"].map(_unit)  # the specs of one leaderboard task count once
     means = members.groupby(unit)[list(COLUMNS)].mean().mean(skipna=False)
-    both = len(set(members["task"]) & MNLI) == 2
+    merged = {u for u, n in unit.value_counts().items() if n > 1}
     names = [
-        TASK_NAMES.get(t, t) if not (both and t in MNLI) else "MNLI (m/mm averaged)" for t in members["task"]
+        (TASKS[u].averaged_display or display_name(u)) if u in merged else display_name(t)
+        for t, u in zip(members["task"], unit)
     ]
     names = list(dict.fromkeys(names))
-    label = BENCHMARKS[benchmark][0]
+    label = BENCHMARKS.get(benchmark, benchmark)
     average = {"task": f"{label} avg.", "benchmark": benchmark, **means, "avg_over": ", ".join(names)}
     return pd.concat([stats, pd.DataFrame([average])], ignore_index=True)
 
@@ -264,7 +316,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     flagged = (
         table["degenerate"].fillna(False).astype(bool) if "degenerate" in table else [False] * len(table)
     )
-    names = [TASK_NAMES.get(t, t) + (" †" if f else "") for t, f in zip(table["task"], flagged)]
+    names = [display_name(t) + (" †" if f else "") for t, f in zip(table["task"], flagged)]
     out = pd.DataFrame({"Task": names}, index=table.index)
     for col, (header, digits) in COLUMNS.items():
         out[header] = [_cell(m, s, digits) for m, s in zip(table[col], table[f"{col}_std"])]
@@ -381,12 +433,14 @@ def _tasks(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["task"].dropna().unique(), key=_task_order)
 
 
-def plot_curves(summaries: Sequence[dict], group: Sequence[str] = GROUP):
+def plot_curves(summaries: Sequence[RunSummary], group: Sequence[str] = GROUP):
     """Search score vs pruning rate per task: one line per group (seed-mean of the binary search's
     curves, interpolated on their joint rates), dense score dashed, chosen rates starred."""
     import numpy as np
 
-    frame = to_frame(summaries).assign(curve=[s.get("curve") or [] for s in summaries])
+    summaries = _summaries(summaries)
+    curves = [(s.skeleton.curve if s.skeleton else None) or [] for s in summaries]
+    frame = to_frame(summaries).assign(curve=curves)
     tasks = _tasks(frame)
     fig = _figure(4.2 * min(3, len(tasks)), 3.2 * math.ceil(len(tasks) / 3))
     for ax, task in zip(_grid(fig, len(tasks)), tasks):
@@ -401,19 +455,19 @@ def plot_curves(summaries: Sequence[dict], group: Sequence[str] = GROUP):
             (line,) = ax.plot(100 * grid, 100 * np.nanmean(ys, axis=0), marker=".", label=_label(keys, group))
             ax.axhline(runs["dense_search"].mean(), color=line.get_color(), ls="--", lw=1)
             ax.plot(100 * runs["rate"], runs["pruned_search"], "*", ms=11, color=line.get_color(), mec="k")
-        ax.set(title=TASK_NAMES.get(task, task), xlabel="FFN neurons pruned (%)", ylabel="search score")
+        ax.set(title=display_name(task), xlabel="FFN neurons pruned (%)", ylabel="search score")
         ax.legend(fontsize="x-small")
     return fig
 
 
-def plot_speedup(summaries: Sequence[dict]):
+def plot_speedup(summaries: Sequence[RunSummary]):
     """Measured latency speedup of each run vs its pruning rate, with the ideal FLOP speedup (x)."""
     frame = to_frame(summaries).dropna(subset=["rate"])
     fig = _figure(5.5, 4)
     ax = fig.subplots()
     for task in _tasks(frame):
         sub = frame[frame["task"] == task]
-        ax.scatter(100 * sub["rate"], sub["speedup"], label=TASK_NAMES.get(task, task), alpha=0.8)
+        ax.scatter(100 * sub["rate"], sub["speedup"], label=display_name(task), alpha=0.8)
     ax.scatter(100 * frame["rate"], frame["ideal_speedup"], marker="x", color="gray", label="ideal (FLOPs)")
     ax.axhline(1, color="k", lw=0.8, ls=":")
     ax.set(xlabel="FFN neurons pruned (%)", ylabel="speedup over dense (×)", title="Speedup vs pruning rate")
@@ -421,7 +475,7 @@ def plot_speedup(summaries: Sequence[dict]):
     return fig
 
 
-def plot_criteria(summaries: Sequence[dict], group: Sequence[str] = ("model", "psi")):
+def plot_criteria(summaries: Sequence[RunSummary], group: Sequence[str] = ("model", "psi")):
     """Criteria ablation: chosen rate and Skeleton dev score per task, bars per criterion, one row of
     panels per (model, psi). None when fewer than two criteria are present."""
     import numpy as np
@@ -443,23 +497,22 @@ def plot_criteria(summaries: Sequence[dict], group: Sequence[str] = ("model", "p
             for i, crit in enumerate(criteria):
                 vals = stats.reindex([(t, crit) for t in tasks])
                 ax.bar(x + i * width, vals["mean"], width, yerr=vals["std"].fillna(0), label=crit)
-            ax.set_xticks(x + width * (len(criteria) - 1) / 2, [TASK_NAMES.get(t, t) for t in tasks])
+            ax.set_xticks(x + width * (len(criteria) - 1) / 2, [display_name(t) for t in tasks])
             ax.set(ylabel=ylabel, title=_label(keys, group))
         row[0].legend(fontsize="x-small")
     return fig
 
 
-def plot_kept_heatmap(summaries: Sequence[dict]):
+def plot_kept_heatmap(summaries: Sequence[RunSummary]):
     """Fraction of FFN neurons kept per layer, one row per pruned run: where the task's neurons live."""
     import numpy as np
 
     rows = []
-    for s in summaries:
-        ffn = s.get("ffn") or {}
-        kept, total = ffn.get("kept_per_layer"), ffn.get("total_per_layer")
+    for s in _summaries(summaries):
+        sk = s.skeleton
+        kept, total = (sk.ffn.kept_per_layer, sk.ffn.total_per_layer) if sk else (None, None)
         if kept and total:
-            label = f"{TASK_NAMES.get(s.get('task'), s.get('task'))} ψ={_fmt_key(s.get('psi'))} "
-            label += f"{s.get('criterion') or ''} s{s.get('seed')}"
+            label = f"{display_name(s.task)} ψ={_fmt_key(sk.psi)} {sk.criterion or ''} s{s.seed}"
             rows.append((label, [k / max(t, 1) for k, t in zip(kept, total)]))
     rows.sort(key=lambda r: r[0])
     width = max((len(r[1]) for r in rows), default=1)
@@ -476,11 +529,11 @@ def plot_kept_heatmap(summaries: Sequence[dict]):
     return fig
 
 
-def save_plots(summaries: Sequence[dict], out_dir: str | Path) -> list[Path]:
+def save_plots(summaries: Sequence[RunSummary], out_dir: str | Path) -> list[Path]:
     """Draw every figure that applies to these runs and save it as a PNG under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pruned = [s for s in summaries if s.get("rate") is not None]
+    pruned = [s for s in _summaries(summaries) if s.skeleton is not None]
     figures = {"score_vs_rate": plot_curves(pruned) if pruned else None}
     figures["speedup_vs_rate"] = plot_speedup(pruned) if pruned else None
     figures["kept_per_layer"] = plot_kept_heatmap(pruned) if pruned else None
@@ -491,54 +544,3 @@ def save_plots(summaries: Sequence[dict], out_dir: str | Path) -> list[Path]:
             fig.savefig(out_dir / f"{name}.png", dpi=120)
             written.append(out_dir / f"{name}.png")
     return written
-
-
-# ---- CLI -------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="skeleton-tables", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dirs", nargs="*", type=Path, metavar="SWEEP_DIR")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs from this W&B project")
-    parser.add_argument("--out", type=Path, help="output folder (default: <first SWEEP_DIR>/tables)")
-    parser.add_argument("--formats", default="md,tex,csv", help="comma-separated subset of md,tex,csv")
-    parser.add_argument("--no-plots", action="store_true")
-    args = parser.parse_args(argv)
-    if not args.sweep_dirs and not args.wandb:
-        parser.error("give at least one SWEEP_DIR or --wandb ENTITY/PROJECT")
-    formats = {f.strip() for f in args.formats.split(",") if f.strip()}
-    if formats - {"md", "tex", "csv"}:
-        parser.error(f"unknown format(s): {', '.join(sorted(formats - {'md', 'tex', 'csv'}))}")
-
-    summaries = load_summaries(args.sweep_dirs) if args.sweep_dirs else Summaries()
-    if args.wandb:
-        summaries = summaries + load_wandb(args.wandb)
-    if not summaries:
-        sys.exit(
-            f"skeleton-tables: no complete summary.json found (searched recursively).\n{summaries.report()}"
-        )
-    if summaries.failed or summaries.incomplete:
-        print(summaries.report(), file=sys.stderr)
-
-    frame = to_frame(summaries)
-    table = paper_table(frame)
-    markdown = to_markdown(table)
-    print(markdown)
-    out = args.out or (args.sweep_dirs[0] / "tables" if args.sweep_dirs else Path("tables"))
-    out.mkdir(parents=True, exist_ok=True)
-    writers = {"md": ("table.md", lambda p: p.write_text(markdown)),
-               "tex": ("table.tex", lambda p: p.write_text(to_latex(table))),
-               "csv": ("table.csv", lambda p: table.to_csv(p, index=False))}  # fmt: skip
-    written = []
-    for fmt, (name, write) in writers.items():
-        if fmt in formats:
-            write(out / name)
-            written.append(out / name)
-    frame.to_csv(out / "runs.csv", index=False)
-    written.append(out / "runs.csv")
-    if not args.no_plots:
-        written += save_plots(summaries, out / "plots")
-    print("wrote:\n" + "\n".join(f"  {p}" for p in written))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,9 +31,10 @@ from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import skeleton.callback  # noqa: E402
+import skeleton.pipeline  # noqa: E402
 from skeleton.callback import SkeletonCallback  # noqa: E402
 from skeleton.localize import Scores, score_neurons  # noqa: E402
+from skeleton.train import skeleton_config  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 WORLD = 2
@@ -59,27 +60,35 @@ class RecordingCallback(SkeletonCallback):
 
     local: Scores | None = None
 
-    def score(self, model, datamodule, trainer=None) -> Scores:
+    def run(self, trainer, model, datamodule):
         world, rank = trainer.world_size, trainer.global_rank
         shard = itertools.islice(datamodule.attribution_dataloader(), rank, None, world)
-        opts = asdict(self.attribution)
-        max_instances = opts.pop("max_instances")
-        opts.pop("iterative_step"), opts.pop("iterative_until")
+        opts = self.config.attribution
         self.local = score_neurons(
-            model, shard, max_instances=-(-max_instances // world), seed=model.hparams.seed, **opts
+            model,
+            shard,
+            max_instances=-(-opts.max_instances // world),
+            seed=model.hparams.seed,
+            criterion=opts.criterion,
+            target=opts.target,
+            token_agg=opts.token_agg,
+            magnitude=opts.magnitude,
+            unsupervised=opts.unsupervised,
+            include_prompt=opts.include_prompt,
+            heads=opts.heads,
         )
         # the real scoring is iterative: record each (reduced) pass; the first one is unmasked
-        real, self.passes = skeleton.callback.score_neurons, []
+        real, self.passes = skeleton.pipeline.score_neurons, []
 
         def recording(*args, **kwargs):
             self.passes.append(real(*args, **kwargs))
             return self.passes[-1]
 
-        skeleton.callback.score_neurons = recording
+        skeleton.pipeline.score_neurons = recording
         try:
-            return super().score(model, datamodule, trainer)
+            return super().run(trainer, model, datamodule)
         finally:
-            skeleton.callback.score_neurons = real
+            skeleton.pipeline.score_neurons = real
 
 
 def main(out: Path) -> None:
@@ -88,7 +97,7 @@ def main(out: Path) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.module)
-    callback = RecordingCallback.from_config(cfg.skeleton)
+    callback = RecordingCallback(skeleton_config(cfg))
     trainer = instantiate(
         cfg.trainer,
         devices=WORLD,
@@ -102,11 +111,11 @@ def main(out: Path) -> None:
     )
     trainer.fit(model, datamodule=datamodule)
 
-    rank, r = trainer.global_rank, callback.result
-    if r is None:
+    rank, result = trainer.global_rank, callback.result
+    if result is None:
         raise RuntimeError(f"rank {rank}: the Skeleton callback did not run")
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"scores.{k}": v for k, v in r.scores.state().items()})
+    tensors.update({f"scores.{k}": v for k, v in result.scores.state().items()})
     tensors.update({f"local.{k}": v for k, v in callback.local.state().items()})
     tensors.update({f"first.{k}": v for k, v in callback.passes[0].state().items()})
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
@@ -116,14 +125,14 @@ def main(out: Path) -> None:
         "rank": rank,
         "world_size": trainer.world_size,
         "global_step": trainer.global_step,
-        "rate": r.rate,
-        "curve": r.curve,
-        "dense": r.dense,
-        "pruned": r.pruned,
-        "widths_before": r.widths_before,
-        "widths_after": r.widths_after,
-        "keep_ffn": [sorted(torch.as_tensor(k).tolist()) for k in r.keep_ffn],
-        "num_instances": r.scores.num_instances,
+        "rate": result.rate,
+        "curve": result.outcome.curve,
+        "dense": asdict(result.dense),
+        "pruned": asdict(result.outcome.pruned),
+        "widths_before": result.outcome.ffn.total_per_layer,
+        "widths_after": result.outcome.ffn.kept_per_layer,
+        "keep_ffn": [sorted(torch.as_tensor(k).tolist()) for k in result.keep_ffn],
+        "num_instances": result.scores.num_instances,
         "local_num_instances": callback.local.num_instances,
         "passes": len(callback.passes),
         "attribution_batch_sizes": [len(b["labels"]) for b in datamodule.attribution_dataloader()],

@@ -5,7 +5,8 @@ import json
 import torch
 from torch import nn
 
-from skeleton.bench import benchmark, load_pair, main, measure_latency, synthetic_batch
+from skeleton.bench import benchmark, load_pair, measure_latency, synthetic_batch
+from skeleton.cli.bench import main
 from skeleton.export import export_pruned, save_skeleton
 from skeleton.localize import ffn_widths, prune_ffn
 from skeleton.prompt import PromptTunedModel

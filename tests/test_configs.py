@@ -1,54 +1,118 @@
-"""Every config group composes, and the objects it describes instantiate."""
+"""Every config group composes, and the objects it describes instantiate (not only compose)."""
 
 from pathlib import Path
 
+import lightning as L
 import pytest
+import yaml
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from skeleton.localize.config import SkeletonConfig
+from skeleton.loggers import build_loggers
+from skeleton.prompt import PromptTunedModel
 from skeleton.tasks import get_task
-from skeleton.train import CONFIG_DIR
+from skeleton.train import CONFIG_DIR, build_callbacks, skeleton_config
 from tests.helpers import compose_config
 
 GROUP = Path(CONFIG_DIR)
-TASKS = sorted(p.stem for p in (GROUP / "task").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (GROUP / "model").glob("*.yaml"))
-PROMPTS = sorted(p.stem for p in (GROUP / "prompt").glob("*.yaml"))
-EXPERIMENTS = sorted(p.stem for p in (GROUP / "experiment").glob("*.yaml"))
-TRAINERS = sorted(p.stem for p in (GROUP / "trainer").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("task", TASKS)
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (GROUP / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", options("task"))
 def test_every_task_config_names_a_registered_task(task):
     cfg = compose_config([f"task={task}"], tiny=False)
     assert get_task(cfg.task.name).name == get_task(task).name
     assert cfg.data.task == cfg.module.task == cfg.task.name
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_config_builds_a_model_for_its_task(task):
+    """Each task's head is built for its formulation and label count on a tiny backbone."""
+    cfg = compose_config([f"task={task}"])
+    model = instantiate(cfg.module)
+    spec = get_task(task)
+    assert model.task is spec and model.head.formulation == spec.formulation
+
+
+@pytest.mark.parametrize("model", [m for m in options("model") if m.startswith("tiny-")])
+def test_every_tiny_model_config_instantiates(model):
+    cfg = compose_config([f"model={model}"])
+    module = instantiate(cfg.module)
+    assert isinstance(module, PromptTunedModel) and module.backbone_name == cfg.model.backbone
+
+
+@pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_composes(model):
+    """Real checkpoints are not downloadable here; their configs must still compose and agree."""
     overrides = [f"model={model}"] + (["model.backbone=/some/folder"] if model == "local" else [])
     cfg = compose_config(overrides, tiny=False)
     assert cfg.module.backbone == cfg.data.tokenizer == cfg.model.backbone
     assert cfg.model.pooling in ("mean", "first", "last", "prompt")
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", options("prompt"))
 def test_every_prompt_config_builds_a_model(prompt):
-    cfg = compose_config([f"prompt={prompt}"])
+    cfg = compose_config([f"prompt={prompt}", "prompt.num_tokens=5"])
     model = instantiate(cfg.module)
-    assert model.prompt.num_tokens == cfg.prompt.num_tokens
+    assert model.prompt.num_tokens == 5
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment):
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_sets_what_it_says(experiment):
     cfg = compose_config([f"experiment={experiment}"], tiny=False)
-    assert cfg.task.name and cfg.trainer.max_steps
+    raw = yaml.safe_load((GROUP / "experiment" / f"{experiment}.yaml").read_text())
+    for key in ("trainer", "data", "skeleton"):
+        for name, value in (raw.get(key) or {}).items():
+            if not isinstance(value, dict):
+                assert OmegaConf.select(cfg, f"{key}.{name}") == value, f"{key}.{name}"
+    skeleton_config(cfg)  # its skeleton settings validate
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-def test_every_trainer_config_composes(trainer):
+@pytest.mark.parametrize("trainer", [t for t in options("trainer") if t in ("cpu", "ddp_cpu")])
+def test_cpu_trainer_configs_instantiate_a_trainer(trainer, tmp_path):
+    cfg = compose_config([f"trainer={trainer}"])
+    built = instantiate(cfg.trainer, default_root_dir=str(tmp_path), logger=False)
+    assert isinstance(built, L.Trainer) and built.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_config_targets_lightning(trainer):
     cfg = compose_config([f"trainer={trainer}"], tiny=False)
-    assert cfg.trainer._target_ == "lightning.Trainer"
+    assert instantiate({"_target_": "hydra.utils.get_class", "path": cfg.trainer._target_}) is L.Trainer
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_every_callbacks_config_instantiates(callbacks):
+    cfg = compose_config([f"callbacks={callbacks}"])
+    built = build_callbacks(cfg)
+    assert len(built) == sum(node is not None for node in cfg.callbacks.values())
+    assert all(isinstance(c, L.Callback) for c in built)
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_every_logger_config_instantiates(logger, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_config([f"logger={logger}"])
+    built = build_loggers(cfg, tmp_path)
+    assert len(built) == len(cfg.logger or {})
+
+
+@pytest.mark.parametrize("skeleton", options("skeleton"))
+def test_every_skeleton_config_validates(skeleton):
+    cfg = compose_config([f"skeleton={skeleton}"])
+    settings = skeleton_config(cfg)
+    assert (settings is None) == (not cfg.skeleton.enabled)
+
+
+def test_the_skeleton_yaml_states_the_dataclass_defaults():
+    """conf/skeleton/default.yaml restates the defaults for readers; it must never drift from them."""
+    raw = OmegaConf.to_container(OmegaConf.load(GROUP / "skeleton" / "default.yaml"))
+    assert SkeletonConfig.from_dict(raw).to_dict() == SkeletonConfig().to_dict()
+    assert raw == SkeletonConfig().to_dict()
 
 
 def test_quickstart_is_minilm_on_local_sst2():

@@ -8,12 +8,12 @@ import torch
 
 from skeleton.backbones import load_backbone, load_tokenizer
 from skeleton.bench import synthetic_batch
+from skeleton.cli.predict import main as predict_main
 from skeleton.export import (
     BackboneMismatchError,
     export_pruned,
     load_pruned,
     load_skeleton,
-    predict_main,
     save_skeleton,
 )
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads

@@ -217,7 +217,7 @@ def test_albert_scores_are_summed_over_the_layers_that_share_them():
     assert len(calls) == 2
     mask = batch["attention_mask"].bool().unsqueeze(-1).float()
     want = sum(((a * mask).sum(1) / mask.sum(1)).abs().mean(0) for a in calls)
-    scores = score_neurons(model, [batch], criterion="activation")
+    scores = score_neurons(model, [batch], criterion="activation", magnitude="instance", token_agg="mean")
     torch.testing.assert_close(scores.ffn[0], want.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -321,3 +321,13 @@ def test_check_leaves_the_real_model_untouched():
     check_adapter(backbone)
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert torch.equal(_forward(backbone, batch), ref) and ffn_widths(backbone) == [FFN] * LAYERS
+
+
+@pytest.mark.parametrize("family", ["opt", "stablelm"])
+def test_check_runs_on_an_already_pruned_model(family):
+    """Serving checks the adapter of an export, whose layers may already be narrow or empty."""
+    backbone = tiny(family)
+    none = torch.zeros(0, dtype=torch.long)
+    prune_ffn(backbone, [torch.arange(0, FFN, 2), none])
+    prune_heads(backbone, [torch.tensor([0, 1]), none])
+    assert check_adapter(backbone).prune_heads is not None

@@ -161,9 +161,9 @@ def test_prompt_positions_change_scores_only_when_included(model):
     from skeleton.localize import score_neurons
 
     batches = [make_batch(seed=s) for s in range(2)]
-    content = score_neurons(model, batches)
-    again = score_neurons(model, batches, include_prompt=False)
+    default = score_neurons(model, batches)
+    content = score_neurons(model, batches, include_prompt=False)
     with_prompt = score_neurons(model, batches, include_prompt=True)
-    assert all(torch.equal(a, b) for a, b in zip(content.ffn, again.ffn))
+    assert all(torch.equal(a, b) for a, b in zip(default.ffn, with_prompt.ffn))  # the config's default
     assert not all(torch.allclose(a, b) for a, b in zip(content.ffn, with_prompt.ffn))
     assert with_prompt.meta["include_prompt"] is True

@@ -18,7 +18,7 @@ def run_sweep(output_root: Path) -> str:
     command = [
         sys.executable,
         "-m",
-        "skeleton.train",
+        "skeleton.cli.train",
         "-m",
         "task=sst2,rte",
         "skeleton.psi=1,100",
@@ -58,7 +58,7 @@ def test_tables_numbers_equal_the_run_summaries(sweep, tmp_path):
     sweep_dir, _ = sweep
     out = tmp_path / "tables"
     done = subprocess.run(
-        [sys.executable, "-m", "skeleton.tables", str(sweep_dir), "--out", str(out)],
+        [sys.executable, "-m", "skeleton.cli.tables", str(sweep_dir), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

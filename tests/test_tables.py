@@ -2,19 +2,26 @@
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from skeleton import summary as schema
 from skeleton import tables
+from skeleton.cli import tables as cli
+from skeleton.summary import RunSummary, SummaryError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_summary(task, psi=5.0, seed=0, dense=0.80, pruned=0.78, rate=0.5, **kw) -> dict:
-    """A summary shaped like the training code's, with every number derived from the arguments."""
+    """A summary shaped like the training code's, with every number derived from the arguments.
+
+    Version-less (as runs before ``schema_version`` wrote them), so every table test also goes through
+    ``skeleton.summary.upgrade``."""
     headline = kw.get("headline", "accuracy")
     criterion = kw.get("criterion", "attribution")
     total, layers = 1000, 400
@@ -22,6 +29,7 @@ def fake_summary(task, psi=5.0, seed=0, dense=0.80, pruned=0.78, rate=0.5, **kw)
         "task": task,
         "benchmark": kw.get("benchmark", "glue"),
         "model": kw.get("model", "tiny"),
+        "backbone": "tiny-bert",
         "seed": seed,
         "sweep": "fake",
         "headline_metric": headline,
@@ -36,7 +44,14 @@ def fake_summary(task, psi=5.0, seed=0, dense=0.80, pruned=0.78, rate=0.5, **kw)
             "pruned": {"total": total - layers * rate / 2, "layers": layers - layers * rate / 2},
         },
         "flops": {"dense": 100.0, "pruned": 100.0 * (1 - rate / 2), "ideal_speedup": 1 / (1 - rate / 2)},
-        "latency": {"dense_ms": 2.0, "pruned_ms": 1.0, "speedup": kw.get("speedup", 1.5)},
+        "latency": {
+            "batch_size": 32,
+            "seq_len": 128,
+            "dense_ms": 2.0,
+            "pruned_ms": 1.0,
+            "speedup": kw.get("speedup", 1.5),
+            "device": "cpu",
+        },
         "speedup": kw.get("speedup", 1.5),
         "criterion": criterion,
         "skeleton_config": {"attribution": {"criterion": criterion, "token_agg": "mean"}},
@@ -163,8 +178,74 @@ def test_incomplete_and_failed_runs_are_excluded_and_counted(sweep):
     summaries = tables.load_summaries([sweep, sweep / "psi=1.0"])  # overlapping paths: no double count
     assert len(summaries) == 8
     assert sorted(p.parent.name for p in summaries.failed) == ["crashed", "died_early"]
-    assert sorted(p.parent.name for p in summaries.incomplete) == ["torn", "unfinished"]
-    assert "2 failed run(s)" in summaries.report()
+    assert [p.parent.name for p in summaries.incomplete] == ["unfinished"]
+    assert [p.parent.name for p, _ in summaries.unreadable] == ["torn"]
+    report = summaries.report()
+    assert "2 failed run(s)" in report and "1 unreadable summary(ies)" in report
+    assert f"{sweep / 'torn' / 'summary.json'} is not valid JSON" in report
+
+
+def test_loaded_summaries_are_schema_objects(sweep):
+    summaries = tables.load_summaries(sweep)
+    assert all(isinstance(s, RunSummary) for s in summaries)
+    run = next(s for s in summaries if (s.task, s.seed, s.skeleton.psi) == ("rte", 1, 5.0))
+    values = GRID[("rte", 5.0, 1)]
+    assert run.schema_version == schema.SCHEMA_VERSION
+    assert run.score("dense") == pytest.approx(values["dense"])
+    assert run.score("pruned", "search") == pytest.approx(values["pruned"] - 0.01)
+    assert run.skeleton.latency.speedup == pytest.approx(values["speedup"])
+
+
+def test_version_less_summary_loads_through_upgrade(tmp_path):
+    old = fake_summary("cola", headline="mcc")
+    old["warnings"] = ["learned nothing"]
+    for key in ("criterion", "degenerate", "seconds", "schema_version"):
+        old.pop(key, None)  # what summaries written before schema_version may lack
+    write_run(tmp_path, old)
+    (run,) = tables.load_summaries(tmp_path)
+    assert run.schema_version == schema.SCHEMA_VERSION
+    assert run.skeleton.degenerate  # schema 1: any warning meant "learned nothing"
+    assert run.skeleton.criterion == "attribution"  # from skeleton_config
+    assert run.skeleton.seconds == {}
+    # written back it carries the version, and reads the same
+    again = RunSummary.from_dict(json.loads(json.dumps(run.to_dict())), "again")
+    assert again == run and again.to_dict()["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_tables_equal_for_version_less_and_current_summaries(sweep, tmp_path):
+    current = tmp_path / "current"
+    for run in tables.load_summaries(sweep):
+        write_run(current, run.to_dict(), f"{run.task},{run.skeleton.psi},{run.seed}")
+    old, new = (tables.paper_table(tables.to_frame(tables.load_summaries(p))) for p in (sweep, current))
+    assert tables.to_markdown(old) == tables.to_markdown(new)
+    assert old.equals(new)
+
+
+def test_newer_schema_is_refused_with_a_message_naming_the_file(sweep):
+    newer = write_run(sweep, {**fake_summary("sst2"), "schema_version": schema.SCHEMA_VERSION + 1}, "newer")
+    with pytest.raises(SummaryError, match=f"{newer / 'summary.json'} has schema version"):
+        schema.read(newer)
+    summaries = tables.load_summaries(sweep)
+    assert len(summaries) == 8  # the rest of the sweep still tables
+    ((path, reason),) = summaries.unreadable
+    assert path == (newer / "summary.json").resolve() and "upgrade the package" in reason
+    assert str(newer / "summary.json") in summaries.report()
+
+
+def test_unknown_fields_are_reported_not_tabled(sweep):
+    write_run(sweep, {**fake_summary("sst2"), "surprise": 1}, "odd")
+    summaries = tables.load_summaries(sweep)
+    assert len(summaries) == 8 and "unknown field(s) ['surprise']" in summaries.unreadable[0][1]
+
+
+def test_library_modules_import_without_torch():
+    code = (
+        "import sys; import skeleton.tables, skeleton.summary, skeleton.tasks, skeleton.cli.tables; "
+        "from skeleton.tasks import get_task; get_task('record').convert; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_cli_writes_tables_and_plots(sweep, capsys):
@@ -172,7 +253,7 @@ def test_cli_writes_tables_and_plots(sweep, capsys):
         write_run(
             sweep / "random", fake_summary("sst2", seed=seed, criterion="random", rate=0.2 + 0.1 * seed)
         )
-    assert tables.main([str(sweep)]) == 0
+    assert cli.main([str(sweep)]) == 0
     out = sweep / "tables"
     printed = capsys.readouterr().out
     assert "| SST-2 |" in printed and "criterion = random" in printed
@@ -187,7 +268,7 @@ def test_cli_writes_tables_and_plots(sweep, capsys):
 
 
 def test_cli_formats_and_no_plots(sweep, tmp_path):
-    assert tables.main([str(sweep), "--out", str(tmp_path / "t"), "--formats", "csv", "--no-plots"]) == 0
+    assert cli.main([str(sweep), "--out", str(tmp_path / "t"), "--formats", "csv", "--no-plots"]) == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["runs.csv", "table.csv"]
 
 
@@ -196,7 +277,7 @@ def test_cli_error_names_where_it_looked_and_the_failures(tmp_path):
     run.mkdir(parents=True)
     (run / "error.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        tables.main([str(tmp_path / "sweep")])
+        cli.main([str(tmp_path / "sweep")])
     message = str(exit_info.value.code)
     assert "no complete summary.json" in message and str(tmp_path / "sweep") in message
     assert "1 failed" in message and str(run / "error.json") in message
@@ -222,6 +303,7 @@ def test_load_wandb_reads_summaries_from_run_configs(monkeypatch, tmp_path):
             FakeRun("a", {"skeleton_summary": fake_summary("sst2", seed=0), "lr": 0.3}),
             FakeRun("b", {"skeleton_summary": {"value": fake_summary("sst2", seed=1)}}),  # raw-config form
             FakeRun("c", {"lr": 0.3}, state="crashed"),
+            FakeRun("e", {"skeleton_summary": {**fake_summary("sst2"), "schema_version": 99}}),
             FakeRun(
                 "d", {"skeleton_summary": {**fake_summary("sst2"), "status": "running"}}, state="running"
             ),
@@ -230,19 +312,21 @@ def test_load_wandb_reads_summaries_from_run_configs(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(Api=lambda: api))
     summaries = tables.load_wandb("proj", entity="me", filters={"config.sweep": "x"})
     assert api.calls == [("me/proj", {"config.sweep": "x"})]
-    assert [s["seed"] for s in summaries] == [0, 1] and summaries[0]["wandb_run"] == "me/proj/a"
+    assert [s.seed for s in summaries] == [0, 1] and all(isinstance(s, RunSummary) for s in summaries)
     assert summaries.failed == ["me/proj/c"] and summaries.incomplete == ["me/proj/d"]
+    ((name, reason),) = summaries.unreadable
+    assert name == "me/proj/e" and "wandb:me/proj/e has schema version 99" in reason
     frame = tables.to_frame(summaries)
-    assert list(frame["run_dir"]) == ["me/proj/a", "me/proj/b"]
+    assert list(frame["run_dir"]) == ["me/proj/a", "me/proj/b"]  # no run_dir recorded: the W&B run
 
-    assert tables.main(["--wandb", "me/proj", "--out", str(tmp_path / "w"), "--no-plots"]) == 0
+    assert cli.main(["--wandb", "me/proj", "--out", str(tmp_path / "w"), "--no-plots"]) == 0
     assert api.calls[-1] == ("me/proj", None)
     assert (tmp_path / "w" / "table.md").exists()
 
 
 def test_degenerate_runs_are_marked_in_the_table():
-    healthy = fake_summary("sst2")
-    stuck = {**fake_summary("cola", headline="mcc"), "warnings": ["learned nothing"]}
+    healthy = RunSummary.from_dict(fake_summary("sst2"))
+    stuck = RunSummary.from_dict({**fake_summary("cola", headline="mcc"), "warnings": ["learned nothing"]})
     table = tables.paper_table(tables.to_frame([healthy, stuck]))
     text = tables.to_markdown(table)
     assert "CoLA †" in text and "SST-2 †" not in text
@@ -256,5 +340,6 @@ def test_other_warnings_do_not_mark_a_run_degenerate():
         "degenerate": False,
     }
     stuck = {**fake_summary("cola", headline="mcc"), "warnings": ["learned nothing"], "degenerate": True}
-    text = tables.to_markdown(tables.paper_table(tables.to_frame([healthy, stuck])))
+    runs = [RunSummary.from_dict(s, "test") for s in (healthy, stuck)]
+    text = tables.to_markdown(tables.paper_table(tables.to_frame(runs)))
     assert "CoLA †" in text and "SST-2 †" not in text

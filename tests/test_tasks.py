@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from skeleton.tasks import (
+    BENCHMARKS,
+    COMPOSITES,
     TASKS,
     DataFormatError,
     Example,
+    benchmark_tasks,
+    display_name,
     get_task,
     normalize_answer,
     read_split,
@@ -116,6 +120,37 @@ def test_headlines_and_special_specs():
     assert TASKS["stsb"].labels is None and TASKS["stsb"].formulation == "regression"
     assert TASKS["copa"].num_choices == 2 and TASKS["record"].num_choices is None
     assert TASKS["axb"].train_file is None
+
+
+def test_benchmark_layout_is_declared_with_the_specs():
+    """What the tables need to score a benchmark lives in the registry, not in a copy in tables.py."""
+    assert BENCHMARKS == {"glue": "GLUE", "superglue": "SuperGLUE"}
+    assert benchmark_tasks("glue") == (
+        "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm", "qnli", "rte", "wnli"
+    )  # fmt: skip
+    assert benchmark_tasks("superglue") == (
+        "boolq", "cb", "copa", "multirc", "record", "superglue-rte", "wic", "wsc", "axb", "axg"
+    )  # fmt: skip
+    assert benchmark_tasks("superglue", diagnostics=False) == benchmark_tasks("superglue")[:-2]
+    assert [n for n, s in TASKS.items() if s.diagnostic] == ["axb", "axg"]
+    names = {n: display_name(n) for n in TASKS}
+    assert names["sst2"] == "SST-2" and names["mnli"] == "MNLI-m" and names["mnli-mm"] == "MNLI-mm"
+    assert names["superglue-rte"] == "RTE (SG)" and names["axb"] == "AX-b" and names["record"] == "ReCoRD"
+    assert display_name("not-a-task") == "not-a-task"
+    assert len(set(names.values())) == len(names)  # every table row is distinguishable
+    units = {n: s.score_unit for n, s in TASKS.items() if s.score_unit != n}
+    assert units == {"mnli-mm": "mnli"} and TASKS["mnli"].averaged_display == "MNLI (m/mm averaged)"
+    for spec in TASKS.values():  # a composite headline's parts are metrics of the task
+        assert set(COMPOSITES.get(spec.headline, ())) <= set(spec.metrics)
+
+
+def test_task_metrics_still_importable_from_the_package():
+    import skeleton.tasks
+    from skeleton.tasks import TaskMetrics, metrics
+
+    assert TaskMetrics is metrics.TaskMetrics and metrics.AVERAGES is COMPOSITES
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        skeleton.tasks.nope  # noqa: B018
 
 
 # ---- readers on every fixture ----------------------------------------------------------------------

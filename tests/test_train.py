@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from skeleton import runs
+from skeleton.summary import COMPLETE, SCHEMA_VERSION, RunSummary
 from skeleton.train import train
 from tests.helpers import compose_config
 
@@ -16,27 +17,29 @@ def test_prompt_tuning_run_leaves_a_complete_run_folder(model, tmp_path):
     cfg = compose_config([f"model={model}", "skeleton=off"], run_dir=run_dir)
     summary = train(cfg)
     on_disk = json.loads((run_dir / runs.SUMMARY).read_text())
-    assert on_disk["status"] == runs.COMPLETE
+    assert on_disk["status"] == COMPLETE and on_disk["schema_version"] == SCHEMA_VERSION
     assert on_disk["task"] == "sst2" and on_disk["headline_metric"] == "accuracy"
     assert 0.0 <= on_disk["dense"]["dev"]["accuracy"] <= 1.0
     assert on_disk["train"]["steps"] == 4
-    assert summary["dense"] == on_disk["dense"]
+    assert RunSummary.from_dict(on_disk) == summary  # round trip through the schema
     assert (run_dir / "config.yaml").exists()
     assert list(run_dir.glob("csv/**/metrics.csv")), "per-epoch metrics missing"
-    assert "pruned" not in on_disk
+    assert "pruned" not in on_disk and summary.skeleton is None
 
 
 def test_skeleton_run_prunes_and_reports(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config(["skeleton.psi=100"], run_dir=run_dir)  # any drop allowed: the search goes far
-    summary = train(cfg)
-    assert summary["rate"] >= 0.5
-    kept, total = summary["ffn"]["kept_per_layer"], summary["ffn"]["total_per_layer"]
+    out = train(cfg).skeleton
+    assert out.rate >= 0.5
+    kept, total = out.ffn.kept_per_layer, out.ffn.total_per_layer
     assert sum(kept) < sum(total) == 2 * 64
-    assert summary["backbone_params"]["pruned"]["total"] < summary["backbone_params"]["dense"]["total"]
-    assert summary["flops"]["pruned"] < summary["flops"]["dense"]
-    assert summary["speedup"] > 0 and summary["curve"][0] == [0.0, summary["dense"]["search"]["accuracy"]]
-    assert (run_dir / "skeleton" / "skeleton.json").exists()
+    assert out.backbone_params.pruned["total"] < out.backbone_params.dense["total"]
+    assert out.flops.pruned < out.flops.dense
+    latency = out.latency
+    assert latency.speedup == pytest.approx(latency.dense_ms / latency.pruned_ms)
+    assert out.curve[0] == [0.0, runs.read_summary(run_dir).dense.search["accuracy"]]
+    assert (run_dir / "skeleton" / "skeleton.json").exists() and out.artifact == str(run_dir / "skeleton")
 
 
 def test_completed_run_is_skipped(tmp_path, monkeypatch):
@@ -45,36 +48,30 @@ def test_completed_run_is_skipped(tmp_path, monkeypatch):
     first = train(cfg)
     monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("reran a finished run"))
     assert train(cfg) == runs.read_summary(run_dir)
-    assert first["dense"] == runs.read_summary(run_dir)["dense"]
-
-
-def test_impossible_margin_is_refused(tmp_path):
-    cfg = compose_config(["skeleton.psi=-1"], run_dir=tmp_path / "run")
-    with pytest.raises(ValueError, match="psi"):
-        train(cfg)
+    assert first.dense == runs.read_summary(run_dir).dense
 
 
 def test_second_margin_reuses_prompt_and_scores(tmp_path, monkeypatch):
     first = train(compose_config(["skeleton.psi=100"], run_dir=tmp_path / "psi100"))
-    assert "reused_prompt" not in first["train"]
+    assert "reused_prompt" not in first.train
 
     import lightning
 
-    from skeleton.callback import SkeletonCallback
+    import skeleton.pipeline
 
     monkeypatch.setattr(lightning.Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(SkeletonCallback, "score", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(skeleton.pipeline, "score_model", lambda *a, **k: pytest.fail("scored again"))
     second = train(compose_config(["skeleton.psi=0"], run_dir=tmp_path / "psi0"))
-    assert second["train"]["reused_prompt"]
-    assert second["train"]["steps"] == first["train"]["steps"]
-    assert second["dense"] == first["dense"]
-    assert second["psi"] == 0 and second["rate"] <= first["rate"]
+    assert second.train["reused_prompt"]
+    assert second.train["steps"] == first.train["steps"]
+    assert second.dense == first.dense
+    assert second.skeleton.psi == 0 and second.skeleton.rate <= first.skeleton.rate
 
 
 def test_changing_the_prompt_config_does_not_reuse(tmp_path):
     train(compose_config(["skeleton.psi=100"], run_dir=tmp_path / "a"))
     other = train(compose_config(["skeleton.psi=100", "seed=1"], run_dir=tmp_path / "b"))
-    assert "reused_prompt" not in other["train"]
+    assert "reused_prompt" not in other.train
 
 
 @pytest.mark.parametrize("task", ["stsb", "copa", "record", "multirc", "wic", "cb", "cola", "mnli"])
@@ -83,9 +80,8 @@ def test_every_formulation_trains_and_prunes(task, tmp_path):
     summary = train(
         compose_config([f"task={task}", "skeleton.psi=100", "data.search_size=2"], run_dir=tmp_path / "run")
     )
-    headline = summary["headline_metric"]
-    assert headline in summary["dense"]["dev"] and headline in summary["pruned"]["dev"]
-    assert sum(summary["ffn"]["kept_per_layer"]) < sum(summary["ffn"]["total_per_layer"])
+    assert summary.score("dense") is not None and summary.score("pruned") is not None
+    assert sum(summary.skeleton.ffn.kept_per_layer) < sum(summary.skeleton.ffn.total_per_layer)
 
 
 def test_wandb_offline_run_logs_curve_image_and_config(tmp_path, monkeypatch):
@@ -97,20 +93,20 @@ def test_wandb_offline_run_logs_curve_image_and_config(tmp_path, monkeypatch):
     media = offline / "files" / "media"
     assert list(media.glob("table/skeleton/curve_table_*.table.json"))  # the pruning curve
     assert list(media.glob("images/skeleton/kept_per_layer_*.png"))  # neurons kept per layer
-    assert summary["rate"] > 0 and list(run_dir.glob("csv/**/metrics.csv"))  # both loggers ran
+    assert summary.skeleton.rate > 0 and list(run_dir.glob("csv/**/metrics.csv"))  # both loggers ran
 
 
 def test_a_model_that_learned_nothing_is_flagged(tmp_path, monkeypatch):
     """Constant predictions keep any score under any pruning: the summary must say so."""
-    from skeleton.callback import DEGENERATE
     from skeleton.heads import TaskHead
+    from skeleton.pipeline import DEGENERATE
 
     real = TaskHead.forward
     monkeypatch.setattr(
         TaskHead, "forward", lambda self, *a, **k: real(self, *a, **k) * 0 + torch.tensor([1.0, 0.0])
     )
     summary = train(compose_config(["skeleton.psi=1"], run_dir=tmp_path / "run"))
-    assert summary["warnings"] == [DEGENERATE] and summary["degenerate"] is True
+    assert summary.skeleton.warnings == [DEGENERATE] and summary.skeleton.degenerate is True
 
 
 def test_degenerate_predictions_are_recognised():
@@ -129,18 +125,19 @@ def test_training_time_excludes_the_skeleton_step(tmp_path, monkeypatch):
 
     from skeleton.callback import SkeletonCallback
 
-    real = SkeletonCallback.localize
+    real = SkeletonCallback.run
 
-    def slow_localize(self, *args, **kwargs):
+    def slow_run(self, *args, **kwargs):
         clock.sleep(1.5)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(SkeletonCallback, "localize", slow_localize)
+    monkeypatch.setattr(SkeletonCallback, "run", slow_run)
     summary = train(compose_config(["skeleton.psi=1"], run_dir=tmp_path / "run"))
-    assert summary["wall_seconds"] - summary["train"]["seconds"] >= 1.5
+    assert summary.wall_seconds - summary.train["seconds"] >= 1.5
 
 
-def test_head_pruning_without_head_scores_names_the_fix(tmp_path):
+def test_head_pruning_without_head_scores_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("built something first"))
     with pytest.raises(ValueError, match=r"skeleton\.attribution\.heads=true"):
         train(compose_config(["skeleton.pruning.head_rate=0.25"], run_dir=tmp_path / "run"))
 
@@ -151,14 +148,13 @@ def test_head_pruning_with_head_scores_removes_heads(tmp_path):
             ["skeleton.pruning.head_rate=0.25", "skeleton.attribution.heads=true"], run_dir=tmp_path / "run"
         )
     )
-    assert (
-        summary["backbone_params"]["pruned"]["attention"] < summary["backbone_params"]["dense"]["attention"]
-    )
+    params = summary.skeleton.backbone_params
+    assert params.pruned["attention"] < params.dense["attention"]
 
 
 def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     """The search masks the chosen heads at every rate; a head_rate that alone breaks psi is flagged."""
-    import skeleton.callback
+    import skeleton.pipeline
 
     seen = {}
 
@@ -166,7 +162,7 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
         seen["head_keep"] = head_keep
         return lambda rate: 0.0  # every masked model scores 0: heads alone are beyond any margin
 
-    monkeypatch.setattr(skeleton.callback, "masked_evaluator", scoring_zero)
+    monkeypatch.setattr(skeleton.pipeline, "masked_evaluator", scoring_zero)
     summary = train(
         compose_config(
             ["skeleton.pruning.head_rate=0.5", "skeleton.attribution.heads=true", "skeleton.psi=1"],
@@ -174,21 +170,22 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
         )
     )
     assert seen["head_keep"] is not None and all(len(k) < 4 for k in seen["head_keep"])
-    assert any("lower skeleton.pruning.head_rate" in w for w in summary["warnings"])
-    assert summary["rate"] == 0.0
+    assert any("lower skeleton.pruning.head_rate" in w for w in summary.skeleton.warnings)
+    assert summary.skeleton.rate == 0.0
 
 
 def test_recovery_tunes_prompt_and_head_on_the_frozen_pruned_backbone(tmp_path, monkeypatch):
-    import skeleton.callback
+    import skeleton.pipeline
 
-    real, seen = skeleton.callback.recover_prompt, {}
+    real, seen = skeleton.pipeline.recover_step, {}
 
-    def recording(model, loader, cfg):
+    def recording(model, *args):
         seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        real(model, loader, cfg)
+        out = real(model, *args)
         seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return out
 
-    monkeypatch.setattr(skeleton.callback, "recover_prompt", recording)
+    monkeypatch.setattr(skeleton.pipeline, "recover_step", recording)
     summary = train(
         compose_config(
             ["skeleton.psi=100", "skeleton.recovery.steps=5", "skeleton.recovery.lr=0.1"],
@@ -199,23 +196,55 @@ def test_recovery_tunes_prompt_and_head_on_the_frozen_pruned_backbone(tmp_path, 
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all(not n.startswith("backbone.") for n in moved)
     assert any("prompt" in n for n in moved) and any("head" in n for n in moved)
-    assert set(summary["recovered"]) == {"search", "dev"} and summary["seconds"]["recovery"] > 0
+    assert summary.skeleton.recovered is not None and summary.skeleton.seconds["recovery"] > 0
     from safetensors.torch import load_file
 
     tensors = load_file(str(next((tmp_path / "run" / "skeleton").glob("*.safetensors"))))
     prompt_name = next(n for n in moved if "prompt" in n)
-    assert any(
-        torch.equal(t, after[prompt_name]) for t in tensors.values()
-    )  # the artifact holds the recovered prompt
+    assert torch.equal(tensors[prompt_name], after[prompt_name])  # the artifact holds the recovered prompt
+
+
+def test_recovery_in_a_trainer_takes_the_steps_of_the_hand_written_loop(tmp_path):
+    """Recovery runs in Trainer.fit now; it must train exactly as the former AdamW loop did, so the
+    README's recovery figures still hold: same batches, same optimizer, same parameters after."""
+    import copy
+    import itertools
+
+    from hydra.utils import instantiate
+
+    from skeleton.heads import task_loss
+    from skeleton.localize.config import RecoveryConfig
+    from skeleton.recovery import trainer_recovery
+
+    cfg = compose_config(["data.batch_size=1"], run_dir=tmp_path / "run")
+    data, model = instantiate(cfg.data), instantiate(cfg.module)
+    data.setup("fit")
+    assert len(data.train_dataloader()) > 3  # within one epoch, as recovery is on real data
+    reference = copy.deepcopy(model)
+    settings = RecoveryConfig(steps=3, lr=0.05)
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=settings.lr)
+    reference.train()
+    for batch in itertools.islice(itertools.cycle(data.train_dataloader()), settings.steps):
+        loss = task_loss(reference.task.formulation, reference(batch), batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trainer_recovery(data, settings)(model)
+    ours, theirs = model.trained_state(), reference.trained_state()
+    assert not torch.equal(
+        ours["prompt.embeddings"], instantiate(cfg.module).trained_state()["prompt.embeddings"]
+    )
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
 def test_progress_lines_are_printed_once(capsys):
     """Printed where logging does not reach the console; only logged where it does (Hydra's job log)."""
     import logging
 
-    from skeleton.callback import _printer
+    from skeleton.callback import reporter
 
-    _printer(None)("hello")
+    reporter(None)("hello")
     assert capsys.readouterr().out.count("hello") == 1
     handler = logging.StreamHandler()
     root = logging.getLogger()
@@ -223,7 +252,7 @@ def test_progress_lines_are_printed_once(capsys):
     level = root.level
     root.setLevel(logging.INFO)
     try:
-        _printer(None)("again")
+        reporter(None)("again")
         assert "again" not in capsys.readouterr().out  # the handler (stderr here) shows it instead
     finally:
         root.removeHandler(handler)
@@ -233,13 +262,14 @@ def test_progress_lines_are_printed_once(capsys):
 def test_a_cache_entry_that_does_not_fit_is_refused_with_the_fix(tmp_path):
     from hydra.utils import instantiate
 
+    from skeleton.prompt import TrainedStateError
     from skeleton.reuse import PromptCache
 
     cfg = compose_config(["skeleton.psi=100"], run_dir=tmp_path / "run")
     cache = PromptCache(cfg, tmp_path / "cache")
     longer = {**cfg.module.prompt, "num_tokens": cfg.module.prompt.num_tokens + 1}
     cache.save_prompt(instantiate(cfg.module, prompt=longer), {"steps": 1})
-    with pytest.raises(RuntimeError, match=r"shapes differ.*reuse=false"):
+    with pytest.raises(TrainedStateError, match=rf"{cache.folder}.*shapes differ.*delete it"):
         cache.load_prompt(instantiate(cfg.module))  # the configured prompt has another length
 
 
@@ -248,5 +278,28 @@ def test_impossible_iterative_schedule_is_refused_before_training(tmp_path, monk
 
     monkeypatch.setattr(lightning.Trainer, "fit", lambda *a, **k: pytest.fail("trained first"))
     overrides = ["skeleton.attribution.iterative_step=0.5", "skeleton.attribution.iterative_until=0.2"]
-    with pytest.raises(ValueError, match=r"skeleton\.attribution: .*iterative_step <= iterative_until"):
+    with pytest.raises(
+        ValueError, match=r"skeleton\.attribution\.iterative_until=0\.2 .*below iterative_step"
+    ):
         train(compose_config(overrides, run_dir=tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("skeleton.attribution.criterion=foo", r"criterion='foo' is unknown; choose one of: attribution, "),
+        ("skeleton.pruning.scope=foo", r"scope='foo' is unknown; choose one of: global, layer"),
+        ("skeleton.search.granularity=0", r"skeleton\.search\.granularity=0 is invalid"),
+        ("skeleton.psi=-1", r"skeleton\.psi=-1 is invalid"),
+        ("skeleton.attribution.target=foo", r"target='foo' is unknown"),
+        ("skeleton.attribution.token_agg=foo", r"token_agg='foo' is unknown"),
+        ("skeleton.search.max_rate=2", r"max_rate=2 is invalid"),
+        ("+skeleton.search.granulrity=0.1", r"skeleton\.search\.granulrity is not a setting"),
+    ],
+)
+def test_a_bad_skeleton_setting_fails_before_anything_is_built(override, named, tmp_path, monkeypatch):
+    from skeleton.localize.config import ConfigError
+
+    monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("built something first"))
+    with pytest.raises(ConfigError, match=named):
+        train(compose_config([override], run_dir=tmp_path / "run"))

@@ -134,22 +134,33 @@ def test_config_named_adapter_serves_train_bench_predict_and_reload_in_fresh_pro
         "skeleton.psi=100",
     ]
     paths = [f"run_dir={run}", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    _run(["-m", "skeleton.train", *overrides, *paths, "reuse=false"], log)
+    _run(["-m", "skeleton.cli.train", *overrides, *paths, "reuse=false"], log)
     meta = json.loads((run / "skeleton" / "skeleton.json").read_text())
     assert meta["model"]["adapter"] == SPEC and meta["ffn_widths"] != [64, 64]
     assert len(_calls(log)) == 1
 
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("sentence\tlabel\na good film\t1\na bad film\t0\n")
-    predict = "from skeleton.export import predict_main; raise SystemExit(predict_main())"
     preds = tmp_path / "preds.jsonl"
-    _run(["-c", predict, str(run), "--input", str(tsv), "--output", str(preds), "--device", "cpu"], log)
+    _run(
+        [
+            "-m",
+            "skeleton.cli.predict",
+            str(run),
+            "--input",
+            str(tsv),
+            "--output",
+            str(preds),
+            "--device",
+            "cpu",
+        ],
+        log,
+    )
     assert len(preds.read_text().splitlines()) == 2
 
-    bench = "from skeleton.bench import main; raise SystemExit(main())"
     out = tmp_path / "bench.json"
     args = ["--batch-sizes", "1", "--seq-lens", "8", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
-    _run(["-c", bench, str(run), *args, "--output", str(out)], log)
+    _run(["-m", "skeleton.cli.bench", str(run), *args, "--output", str(out)], log)
     assert (
         json.loads(out.read_text())["params"]["pruned"]["ffn"]
         < json.loads(out.read_text())["params"]["dense"]["ffn"]

@@ -176,10 +176,10 @@ class StandIn(nn.Module):
         torch.manual_seed(1234)
         self.head = nn.Linear(hidden, out)
 
-    def content_mask(self, batch: dict) -> torch.Tensor:
+    def content_mask(self, batch: dict, include_prompt: bool = False) -> torch.Tensor:
         am = batch["attention_mask"].bool()
-        pad = torch.zeros(am.shape[0], self.n_prompt, dtype=torch.bool, device=am.device)
-        return torch.cat([pad, am], 1)
+        prompt = torch.full((am.shape[0], self.n_prompt), include_prompt, dtype=torch.bool, device=am.device)
+        return torch.cat([prompt, am], 1)
 
     def forward(self, batch: dict) -> torch.Tensor:
         ids, am = batch["input_ids"], batch["attention_mask"]

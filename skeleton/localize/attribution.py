@@ -13,13 +13,13 @@ pre-hooks; its gradient comes from `torch.autograd.grad` on the captured tensors
 all have requires_grad=False and no parameter `.grad` is touched.
 
 Aggregation (per backbone row r, over the positions where `model.content_mask(batch, include_prompt)` is
-True: padding never counts, the soft-prompt positions only with include_prompt=True, the callback's
+True: padding never counts, the soft-prompt positions only with include_prompt=True, the
 default):
-    magnitude="instance": |agg_t s[r, t, j]|      magnitude="token" (the callback's default): agg_t |s[r, t, j]|
+    magnitude="instance": |agg_t s[r, t, j]|      magnitude="token" (default): agg_t |s[r, t, j]|
 with agg = token_agg in {"mean" (default), "max", "sum"}; then the mean over rows, accumulated as float64
 running sums so memory stays bounded whatever the number of batches. Signed scores are not offered as the
-default because, measured here, ranking by signed attribution collapsed to chance accuracy: neurons with
-large negative contributions are as task-relevant as positive ones. `iterative.score_iteratively` repeats
+default because neurons with large negative contributions are as task-relevant as positive ones
+(ranking by signed attribution collapsed to chance in our runs). `iterative.score_iteratively` repeats
 the scoring under the mask of the neurons dropped so far.
 """
 
@@ -33,14 +33,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .arch import LayerParts, head_channels, layer_parts, weight_out_in
+from .config import AttributionConfig, Criterion, Magnitude, Target, TokenAgg
 
-CRITERIA = ("attribution", "activation", "gradient", "magnitude", "random")
-TARGETS = ("logit", "logprob", "loss")
-TOKEN_AGGS = ("mean", "max", "sum")
-MAGNITUDES = ("instance", "token")
+CRITERIA = tuple(c.value for c in Criterion)
+TARGETS = tuple(t.value for t in Target)
+TOKEN_AGGS = tuple(a.value for a in TokenAgg)
+MAGNITUDES = tuple(m.value for m in Magnitude)
+DEFAULTS = AttributionConfig()  # score_neurons' defaults are the config's: one set of defaults
 FORMULATIONS = ("classification", "regression", "multiple_choice")
 
 
@@ -104,14 +108,10 @@ class Scores:
         return cls(layers("ffn"), heads or None, n, meta)
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.state(), path, metadata=self.metadata())
 
     @classmethod
     def load(cls, path: str) -> Scores:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             return cls.from_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())  # noqa: SIM118
 
@@ -355,14 +355,14 @@ def score_neurons(
     model: nn.Module,
     batches: Iterable[dict] | None,
     *,
-    criterion: str = "attribution",
-    target: str = "logit",
-    token_agg: str = "mean",
-    magnitude: str = "instance",
+    criterion: str = DEFAULTS.criterion,
+    target: str = DEFAULTS.target,
+    token_agg: str = DEFAULTS.token_agg,
+    magnitude: str = DEFAULTS.magnitude,
     max_instances: int | None = None,
-    unsupervised: bool = False,
-    include_prompt: bool = False,
-    heads: bool = False,
+    unsupervised: bool = DEFAULTS.unsupervised,
+    include_prompt: bool = DEFAULTS.include_prompt,
+    heads: bool = DEFAULTS.heads,
     seed: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -396,10 +396,10 @@ def score_neurons(
     parts = layer_parts(backbone)
     formulation = getattr(model, "task_formulation", "classification")
     meta = {
-        "criterion": criterion,
-        "target": target,
-        "token_agg": token_agg,
-        "magnitude": magnitude,
+        "criterion": str(criterion),
+        "target": str(target),
+        "token_agg": str(token_agg),
+        "magnitude": str(magnitude),
         "max_instances": max_instances,
         "unsupervised": unsupervised,
         "include_prompt": include_prompt,

@@ -330,7 +330,7 @@ def _shared_modules(parts: list[LayerParts]) -> list[str]:
 
 def _ffn_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
     """Drop every other neuron, and all of the first layer's when there are several layers."""
-    keep = [torch.arange(1, p.ffn_width, 2) for p in parts]
+    keep = [torch.arange(1, max(p.ffn_width, 1), 2) for p in parts]
     if len(parts) > 1:
         keep[0] = torch.zeros(0, dtype=torch.long)
     return keep
@@ -344,7 +344,7 @@ def _head_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
     keep = []
     for p in parts:
         g = p.attn.group_size
-        groups = torch.arange(1, p.attn.num_heads // g, 2)
+        groups = torch.arange(1, max(p.attn.num_heads // g, 1), 2)
         keep.append(group_heads(groups, g))
     if len(parts) > 1 and attention_skippable(parts[-1]):
         keep[-1] = torch.zeros(0, dtype=torch.long)

@@ -4,9 +4,8 @@ One-shot act x grad is a first-order estimate around the *dense* model: it says 
 while all the others are present. Once 40% are gone, the remaining neurons' roles shift, and a neuron
 that looked redundant next to a twin becomes the twin's only stand-in. Re-scoring under the mask of the
 previous rounds follows those shifts (the neurons already dropped score exactly 0 there, since the mask
-zeroes their activation). Measured on MiniLM + SST-2 (whole dev, 600-step prompt): with the log-prob
-target, re-scoring every 10% up to 60% turned a ~1-2 point loss at 50-60% pruned into ~0-0.4
-(README, "Choices"). The cost is one attribution pass per round (~10 s each for MiniLM on 512 examples).
+zeroes their activation). The cost is one attribution pass per round; what it buys is measured in the
+README ("Choices").
 
 The result is an ordinary `Scores` whose ranking encodes the drop order: neurons dropped in round k score
 in [k, k + 0.5), ordered by that round's scores; the survivors score in [K, K + 1), ordered by the last
@@ -21,21 +20,9 @@ from collections.abc import Callable
 import torch
 
 from .attribution import Scores
+from .config import rounds_of
 from .masks import as_keep_mask, masked
 from .prune import select_neurons
-
-
-def rounds_of(step: float, until: float) -> list[float]:
-    """Masked rates before each re-scoring: step, 2*step, ... <= until (empty for step == 0)."""
-    if step == 0:
-        return []
-    if not 0 < step < 1 or not step <= until < 1:
-        raise ValueError(
-            f"iterative attribution needs 0 < iterative_step <= iterative_until < 1, got step={step}, "
-            f"until={until} (iterative_step=0 scores once)"
-        )
-    n = int(until / step + 1e-9)
-    return [round(step * k, 10) for k in range(1, n + 1)]
 
 
 def _flat(scores: Scores) -> torch.Tensor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from skeleton.tasks.registry import Example, TaskSpec, register_benchmark_task
+from skeleton.tasks.registry import Example, TaskSpec, register_benchmark, register_benchmark_task
 
+BENCHMARK = register_benchmark("glue", "GLUE")
 HUB_ID = "nyu-mll/glue"
 FILES = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
@@ -30,7 +31,7 @@ def glue(name, folder, labels, fields, columns=None, label_column="label", **kw)
     kw.setdefault("metrics", ("accuracy",) if labels else ("pearson", "spearman", "pearson_spearman"))
     kw.setdefault("headline", kw["metrics"][-1] if labels is None else kw["metrics"][0])
     return register_benchmark_task(
-        "glue",
+        BENCHMARK,
         name,
         folder,
         labels,
@@ -70,11 +71,13 @@ QQP = glue(
 )
 STSB = glue("stsb", "STS-B", None, PAIR, label_column="score")
 MNLI = glue("mnli", "MNLI", MNLI_LABELS, ("premise", "hypothesis"), PAIR, "gold_label", files=MNLI_FILES,
-            hub_splits=MNLI_HUB, aliases=("mnli-m", "mnli-matched"))  # fmt: skip
-# MNLI reported on the mismatched dev set: same training data, the other dev file.
+            hub_splits=MNLI_HUB, aliases=("mnli-m", "mnli-matched"), display="MNLI-m",
+            averaged_display="MNLI (m/mm averaged)")  # fmt: skip
+# MNLI reported on the mismatched dev set: same training data, the other dev file. GLUE counts matched and
+# mismatched as one task, so the two are averaged before the GLUE mean.
 MNLI_MM = glue("mnli-mm", "MNLI", MNLI_LABELS, ("premise", "hypothesis"), PAIR, "gold_label",
                files=MNLI_MM_FILES, hub_splits=MNLI_MM_HUB, hub_config="mnli",
-               aliases=("mnli-mismatched",))  # fmt: skip
+               aliases=("mnli-mismatched",), display="MNLI-mm", averaged_into="mnli")  # fmt: skip
 QNLI = glue("qnli", "QNLI", NLI2, ("question", "sentence"))
 RTE = glue("rte", "RTE", NLI2, PAIR)
 WNLI = glue("wnli", "WNLI", ("not_entailment", "entailment"), PAIR)

@@ -8,10 +8,6 @@ scores: the GLUE / SuperGLUE leaderboards average a task's two metrics.
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
-
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -24,36 +20,10 @@ from torchmetrics.classification import (
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.utilities import dim_zero_cat
 
-# derived score -> the two metrics it averages
-AVERAGES = {
-    "acc_f1": ("accuracy", "f1"),
-    "pearson_spearman": ("pearson", "spearman"),
-    "acc_macro_f1": ("accuracy", "macro_f1"),
-}
+from skeleton.tasks.answers import answer_scores, normalize_answer, token_f1  # noqa: F401  (re-exported)
+from skeleton.tasks.registry import COMPOSITES
 
-
-# ---- SQuAD-style answer scoring (ReCoRD) -----------------------------------------------------------
-def normalize_answer(s: str) -> str:
-    """Lower-case, drop punctuation and English articles, squeeze whitespace (the SQuAD/ReCoRD rule)."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def answer_scores(candidate: str, answers: list[str]) -> tuple[float, float]:
-    """(EM, F1) of one candidate: the max over the gold answers, as the official ReCoRD script scores."""
-    if not answers:
-        return 0.0, 0.0
-    em = max(float(normalize_answer(candidate) == normalize_answer(a)) for a in answers)
-    return em, max(token_f1(candidate, a) for a in answers)
+AVERAGES = COMPOSITES  # derived score -> the two metrics it averages (declared torch-free in the registry)
 
 
 # ---- custom metrics --------------------------------------------------------------------------------

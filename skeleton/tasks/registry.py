@@ -3,6 +3,10 @@
 A spec is pure data plus one converter: it says where the official files live, which hub dataset mirrors
 them, how rows turn into `Example`s and how predictions are scored. Readers, the data module and the
 metrics all key off the spec, so adding a task is adding one `TaskSpec`.
+
+How a benchmark is scored (which tasks it has, in which order, their display names, which specs are one
+leaderboard task, which are diagnostics, what a composite metric averages) is declared here too, and
+torch-free, so the tables and dashboards read it instead of keeping their own copy.
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 FORMULATIONS = ("classification", "regression", "multiple_choice")
+# Composite headline -> the two metrics it is the mean of (the leaderboards' task score). The metrics
+# compute it; tables rebuild it from its parts for a summary that lacks it.
+COMPOSITES = {
+    "acc_f1": ("accuracy", "f1"),
+    "pearson_spearman": ("pearson", "spearman"),
+    "acc_macro_f1": ("accuracy", "macro_f1"),
+}
 
 
 @dataclass
@@ -36,6 +47,11 @@ class TaskSpec:
     -> official TSV column (GLUE); `header` names the columns of header-less TSVs (CoLA); `fields` lists
     the hub fields a JSONL row must have and `flatten` turns one nested official JSONL row into hub-style
     rows (SuperGLUE). `metrics` are the keys `build_metrics().compute()` returns; `headline` is one of them.
+
+    For tables: `display` is the task's name there (default: `folder`); a `diagnostic` is an evaluation-only
+    probe left out of the benchmark average; `averaged_into` names the leaderboard task this spec is one dev
+    set of (MNLI mismatched -> "mnli"): the specs of one leaderboard task are averaged into one score before
+    the benchmark mean, shown as that task's `averaged_display`.
     """
 
     name: str
@@ -56,11 +72,22 @@ class TaskSpec:
     flatten: Callable[[dict], Iterable[dict]] | None = None
     num_choices: int | None = 1
     aliases: tuple[str, ...] = ()
+    display: str = ""
+    diagnostic: bool = False
+    averaged_into: str | None = None
+    averaged_display: str | None = None
 
     def __post_init__(self):
         assert self.formulation in FORMULATIONS, self.formulation
         assert self.headline in self.metrics, (self.name, self.headline)
         assert "train" in self.files or "dev" in self.files, self.name
+        if not self.display:
+            object.__setattr__(self, "display", self.folder)
+
+    @property
+    def score_unit(self) -> str:
+        """The leaderboard task this spec's score counts toward (itself unless `averaged_into`)."""
+        return self.averaged_into or self.name
 
     @property
     def num_labels(self) -> int:
@@ -83,7 +110,8 @@ class TaskSpec:
         return TaskMetrics(self)
 
 
-TASKS: dict[str, TaskSpec] = {}  # canonical name -> spec, in registration order
+TASKS: dict[str, TaskSpec] = {}  # canonical name -> spec, in registration order (= table order)
+BENCHMARKS: dict[str, str] = {}  # benchmark -> display name ("glue" -> "GLUE"), in registration order
 _BY_KEY: dict[str, TaskSpec] = {}
 
 
@@ -99,6 +127,24 @@ def register(spec: TaskSpec) -> TaskSpec:
         _BY_KEY[key] = spec
     TASKS[spec.name] = spec
     return spec
+
+
+def register_benchmark(name: str, display: str) -> str:
+    BENCHMARKS[name] = display
+    return name
+
+
+def benchmark_tasks(benchmark: str, diagnostics: bool = True) -> tuple[str, ...]:
+    """The canonical names of `benchmark`'s tasks in registration order; without the diagnostics if asked."""
+    return tuple(
+        n for n, s in TASKS.items() if s.benchmark == benchmark and (diagnostics or not s.diagnostic)
+    )
+
+
+def display_name(task: str) -> str:
+    """The table name of a canonical task name ("sst2" -> "SST-2"); other names are shown as given."""
+    spec = TASKS.get(task)
+    return spec.display if spec else task
 
 
 def register_benchmark_task(

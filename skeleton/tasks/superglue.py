@@ -19,10 +19,11 @@ import re
 import string
 from functools import partial
 
-from skeleton.tasks.metrics import answer_scores
+from skeleton.tasks.answers import answer_scores
 from skeleton.tasks.readers import flatten_multirc, flatten_record, flatten_wsc
-from skeleton.tasks.registry import Example, TaskSpec, register_benchmark_task
+from skeleton.tasks.registry import Example, TaskSpec, register_benchmark, register_benchmark_task
 
+BENCHMARK = register_benchmark("superglue", "SuperGLUE")
 HUB_ID = "aps/super_glue"
 FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
@@ -95,7 +96,7 @@ def wsc(row: dict) -> Example:
 def superglue(name, folder, labels, convert, fields, **kw) -> TaskSpec:
     kw.setdefault("metrics", ("accuracy",))
     return register_benchmark_task(
-        "superglue",
+        BENCHMARK,
         name,
         folder,
         labels,
@@ -124,15 +125,16 @@ RECORD = superglue("record", "ReCoRD", None, record, RECORD_FIELDS,
                    metrics=("f1", "em"))  # fmt: skip
 SUPERGLUE_RTE = superglue("superglue-rte", "RTE", NLI2, partial(pair, "premise", "hypothesis"),
                           ("premise", "hypothesis"), hub_config="rte",
-                          aliases=("sg-rte", "rte-superglue"))  # fmt: skip
+                          aliases=("sg-rte", "rte-superglue"), display="RTE (SG)")  # fmt: skip
 WIC = superglue(
     "wic", "WiC", BOOL, wic, ("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2")
 )
 WSC = superglue("wsc", "WSC", BOOL, wsc, ("text", "span1_index", "span2_index", "span1_text", "span2_text"),
                 flatten=flatten_wsc, hub_config="wsc.fixed")  # fmt: skip
-# Diagnostics: evaluation-only (no train file); score a model trained on superglue-rte with them.
+# Diagnostics: evaluation-only (no train file); score a model trained on superglue-rte with them. Not part
+# of the official SuperGLUE score, so tables leave them out of its average.
 AXB = superglue("axb", "AX-b", NLI2, partial(pair, "sentence1", "sentence2"), ("sentence1", "sentence2"),
                 files={"dev": "AX-b.jsonl"}, hub_splits={"dev": "test"},
-                metrics=("mcc", "accuracy"))  # fmt: skip
+                metrics=("mcc", "accuracy"), diagnostic=True)  # fmt: skip
 AXG = superglue("axg", "AX-g", NLI2, partial(pair, "premise", "hypothesis"), ("premise", "hypothesis"),
-                files={"dev": "AX-g.jsonl"}, hub_splits={"dev": "test"})  # fmt: skip
+                files={"dev": "AX-g.jsonl"}, hub_splits={"dev": "test"}, diagnostic=True)  # fmt: skip

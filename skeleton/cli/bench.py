@@ -1,0 +1,72 @@
+"""skeleton-bench: dense vs pruned latency of an artifact, an export or a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from skeleton.bench import benchmark, default_devices, load_pair, parameter_summary
+from skeleton.export import ArtifactError, BackboneMismatchError, resolve_artifact
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 1,8,32, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="skeleton-bench",
+        description="Time the dense and the pruned model, interleaved, and compare with the FLOP-ideal speedup.",
+    )
+    parser.add_argument(
+        "artifact", help="skeleton artifact, export folder, or run folder (uses its skeleton/)"
+    )
+    parser.add_argument(
+        "--backbone", help="dense backbone to rebuild a skeleton on (overrides skeleton.json)"
+    )
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--seq-lens", type=_ints, default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument("--output", default="bench.json", help="where to write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    devices = default_devices() if args.device == "all" else (args.device,)
+    try:
+        path = resolve_artifact(args.artifact)
+        dense, pruned = load_pair(path, args.backbone)
+    except (ArtifactError, BackboneMismatchError, FileNotFoundError) as err:
+        print(f"skeleton-bench: error: {err}", file=sys.stderr)
+        return 2
+    rows = benchmark(dense, pruned, args.batch_sizes, args.seq_lens, devices, args.repeats, args.warmup)
+    result = {
+        "artifact": str(path),
+        "task": pruned.task.name,
+        "params": parameter_summary(dense, pruned),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
+        "rows": rows,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
