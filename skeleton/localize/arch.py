@@ -184,7 +184,9 @@ def supported_model_types() -> list[str]:
 
 
 def model_type_of(backbone: nn.Module) -> str | None:
-    return getattr(getattr(backbone, "config", None), "model_type", None)
+    config = getattr(backbone, "config", None)
+    # skeleton.hf_modeling's pruned configs name their family: they have a model type of their own
+    return getattr(config, "skeleton_family", None) or getattr(config, "model_type", None)
 
 
 _USER: dict[str, Adapter] = {}
