@@ -227,6 +227,8 @@ def test_modules_shared_between_listed_layers_are_refused():
     backbone.encoder.layer[1].intermediate = backbone.encoder.layer[0].intermediate
     with pytest.raises(AdapterCheckError, match="layers 0 and 1 share Linear"):
         check_adapter(backbone)
+    with pytest.raises(ValueError, match="layers 0 and 1 share Linear"):
+        prune_ffn(backbone, [torch.arange(8), torch.arange(4)])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -308,6 +308,18 @@ def layer_parts(backbone: nn.Module) -> list[LayerParts]:
     return out
 
 
+def shared_modules(parts: list[LayerParts]) -> list[str]:
+    """Clashes where two listed layers hold the same projection module: slicing it for one layer would
+    silently change the other (an adapter must list a shared layer once, for one joint keep set)."""
+    seen: dict[int, int] = {}
+    clashes = []
+    for i, p in enumerate(parts):
+        for m in (p.up, p.gate, p.down, p.attn.q, p.attn.k, p.attn.v, p.attn.qkv, p.attn.out):
+            if m is not None and seen.setdefault(id(m), i) != i:
+                clashes.append(f"layers {seen[id(m)]} and {i} share {type(m).__name__}")
+    return clashes
+
+
 def ffn_widths(backbone: nn.Module) -> list[int]:
     return [p.ffn_width for p in layer_parts(backbone)]
 

@@ -31,6 +31,7 @@ from .arch import (
     model_type_of,
     out_features,
     prune_separate_heads,
+    shared_modules,
     supported_model_types,
 )
 
@@ -314,20 +315,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol))
 
 
-def _shared_modules(parts: list[LayerParts]) -> list[str]:
-    seen: dict[int, int] = {}
-    clashes = []
-    for i, p in enumerate(parts):
-        mods = [p.up, p.gate, p.down, p.attn.q, p.attn.k, p.attn.v, p.attn.qkv, p.attn.out]
-        for m in mods:
-            if m is None:
-                continue
-            j = seen.setdefault(id(m), i)
-            if j != i:
-                clashes.append(f"layers {j} and {i} share {type(m).__name__}")
-    return clashes
-
-
 def _ffn_keep(parts: list[LayerParts]) -> list[torch.Tensor]:
     """Drop every other neuron, and all of the first layer's when there are several layers."""
     keep = [torch.arange(1, max(p.ffn_width, 1), 2) for p in parts]
@@ -416,7 +403,7 @@ def check_adapter(backbone: nn.Module, *, heads: bool = True, require_heads: boo
     adapter = get_adapter(backbone)
     parts = layer_parts(backbone)
     model_type = model_type_of(backbone)
-    clashes = _shared_modules(parts)
+    clashes = shared_modules(parts)
     if clashes:
         raise AdapterCheckError(
             f"model_type={model_type!r}: {'; '.join(clashes)}; slicing one would silently change the other. "

@@ -21,6 +21,7 @@ from .arch import (
     kv_groups,
     layer_parts,
     out_features,
+    shared_modules,
     slice_in,
     slice_out,
 )
@@ -136,6 +137,15 @@ def _check_len(keep: Sequence, n: int, what: str) -> None:
         raise ValueError(f"{what} has {len(keep)} entries but the backbone has {n} layers")
 
 
+def _layer_parts(backbone: nn.Module) -> list:
+    """`layer_parts`, refusing an adapter that lists a shared module in two layers."""
+    parts = layer_parts(backbone)
+    clashes = shared_modules(parts)
+    if clashes:
+        raise ValueError(f"{'; '.join(clashes)}: list each shared layer once in the adapter")
+    return parts
+
+
 @torch.no_grad()
 def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[int]:
     """Remove the FFN neurons not in `keep` (per layer: kept indices, a bool mask, or None = all), in place.
@@ -146,7 +156,7 @@ def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[
     touched, so rate 0 is bit-identical. Records the widths on `backbone.config.skeleton_ffn_widths` so an
     export can rebuild the shapes with `resize_to_widths`. Returns the new widths.
     """
-    parts = layer_parts(backbone)
+    parts = _layer_parts(backbone)
     _check_len(keep, len(parts), "keep")
     for p, k in zip(parts, keep):
         idx = _as_indices(k, p.ffn_width)
@@ -175,7 +185,7 @@ def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) 
     Records `backbone.config.skeleton_heads_per_layer`. Returns the new head counts.
     """
     adapter = get_adapter(backbone)
-    parts = layer_parts(backbone)
+    parts = _layer_parts(backbone)
     _check_len(keep_heads, len(parts), "keep_heads")
     todo = []
     for i, (p, k) in enumerate(zip(parts, keep_heads)):
