@@ -333,3 +333,28 @@ def test_check_runs_on_an_already_pruned_model(family):
     prune_ffn(backbone, [torch.arange(0, FFN, 2), none])
     prune_heads(backbone, [torch.tensor([0, 1]), none])
     assert check_adapter(backbone).prune_heads is not None
+
+
+def test_inference_reads_gpt2_conv1d_layouts():
+    """Forced with model.adapter=inferred, GPT-2's Conv1D projections (weights stored (in, out)) are matched
+    by their real shapes; its fused c_attn makes it FFN-only, which the registered adapter is not."""
+    from transformers.pytorch_utils import Conv1D
+
+    backbone, batch = tiny_backbone("gpt2"), make_batch()
+    arch_mod.use_adapter(backbone, "inferred")
+    adapter = check_adapter(backbone)
+    assert adapter is not arch_mod._ADAPTERS["gpt2"] and adapter.prune_heads is None
+    for layer, p in zip(backbone.h, layer_parts(backbone)):
+        assert (p.up, p.down, p.attn.qkv, p.attn.out) == (
+            layer.mlp.c_fc,
+            layer.mlp.c_proj,
+            layer.attn.c_attn,
+            layer.attn.c_proj,
+        )
+        assert isinstance(p.up, Conv1D)
+    keep = select_neurons([torch.rand(FFN), torch.rand(FFN)], 0.5)
+    with masked(backbone, keep):
+        want = _forward(backbone, batch)
+    pruned = copy.deepcopy(backbone)
+    prune_ffn(pruned, keep)
+    torch.testing.assert_close(_forward(pruned, batch), want, atol=1e-5, rtol=1e-5)
