@@ -38,6 +38,20 @@ TINY_CONFIGS: dict[str, dict] = {
         eos_token_id=102,
     ),
     "llama": dict(model_type="llama", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    # Families with no registered adapter: inferred (ernie, opt), shared layers (albert), or a user
+    # adapter named with model.adapter=... (deberta v1 fuses q/k/v, which inference refuses).
+    "ernie": dict(model_type="ernie", **_TINY, max_position_embeddings=256),
+    "opt": dict(
+        model_type="opt",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "albert": dict(model_type="albert", **_TINY, embedding_size=32, max_position_embeddings=256),
+    "deberta": dict(model_type="deberta", **_TINY, max_position_embeddings=256, type_vocab_size=0),
 }
 
 

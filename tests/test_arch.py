@@ -92,10 +92,12 @@ def test_unknown_architecture_lists_supported():
 def test_register_adapter_for_new_family():
     backbone, batch = tiny_backbone("bert"), make_batch()
     backbone.config.model_type = "my-bert"
-    with pytest.raises(UnsupportedArchitectureError):
-        get_adapter(backbone)
+    inferred = get_adapter(backbone)  # nothing registered: inferred from the structure, same modules
+    assert arch_mod.adapter_name(backbone) == "inferred"
+    assert [p.down for p in layer_parts(backbone)] == [layer.output.dense for layer in backbone.encoder.layer]
     register_adapter("my-bert", Adapter("encoder.layer", arch_mod._bert_parts))
     try:
+        assert get_adapter(backbone) is not inferred and arch_mod.adapter_name(backbone) == "registered"
         with pytest.raises(ValueError, match="already registered"):
             register_adapter("my-bert", Adapter("encoder.layer", arch_mod._bert_parts))
         assert ffn_widths(backbone) == [FFN] * LAYERS
