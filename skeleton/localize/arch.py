@@ -33,6 +33,12 @@ class UnsupportedArchitectureError(ValueError):
     """No adapter for the backbone: none registered, none named, and its structure could not be inferred."""
 
 
+def check_per_layer(values, n: int, what: str) -> None:
+    """Per-layer settings (kept indices, widths, head counts) must have one entry per layer."""
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries but the backbone has {n} layers")
+
+
 ADAPTER_FIX = (
     "name an adapter in the config: model.adapter=package.module:function, where function() returns a "
     "skeleton.localize.Adapter(layers='path.to.ModuleList', parts=fn) (fn(layer) -> LayerParts) or "
@@ -143,11 +149,6 @@ class LayerParts:
     down: nn.Module
     attn: AttentionParts
     layer: nn.Module | None = None  # the layer module itself (set by `layer_parts`)
-
-    @property
-    def act_point(self) -> nn.Module:
-        """The module whose input is the activation we score and mask (the down projection)."""
-        return self.down
 
     @property
     def ffn_width(self) -> int:

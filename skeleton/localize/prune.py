@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .arch import (
+    check_per_layer,
     get_adapter,
     group_heads,
     in_features,
@@ -85,8 +86,7 @@ def select_neurons(
 
     scores: a `Scores` (its `.ffn` is used) or a list of per-layer 1-D score tensors.
     scope="global" (default) ranks all neurons of all layers together and drops floor(rate * total): layers
-        hold very different numbers of task neurons, and on MiniLM + SST-2 at psi = 1 point global ranking
-        pruned 49% with no dev loss against 25% for the same rate in every layer. scope="layer" drops
+        hold very different numbers of task neurons (README, Choices: "ranking"). scope="layer" drops
         floor(rate * width) in each layer.
     min_per_layer: floor on each layer's kept width (capped at the width); 0 lets a layer vanish, which the
         pruned model handles (the FFN then outputs its down-projection bias).
@@ -132,11 +132,6 @@ def _as_indices(keep: torch.Tensor | None, width: int) -> torch.Tensor:
     return as_keep_mask(keep, width).nonzero().view(-1)
 
 
-def _check_len(keep: Sequence, n: int, what: str) -> None:
-    if len(keep) != n:
-        raise ValueError(f"{what} has {len(keep)} entries but the backbone has {n} layers")
-
-
 def _layer_parts(backbone: nn.Module) -> list:
     """`layer_parts`, refusing an adapter that lists a shared module in two layers."""
     parts = layer_parts(backbone)
@@ -157,7 +152,7 @@ def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[
     export can rebuild the shapes with `resize_to_widths`. Returns the new widths.
     """
     parts = _layer_parts(backbone)
-    _check_len(keep, len(parts), "keep")
+    check_per_layer(keep, len(parts), "keep")
     for p, k in zip(parts, keep):
         idx = _as_indices(k, p.ffn_width)
         if len(idx) == p.ffn_width:
@@ -186,7 +181,7 @@ def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) 
     """
     adapter = get_adapter(backbone)
     parts = _layer_parts(backbone)
-    _check_len(keep_heads, len(parts), "keep_heads")
+    check_per_layer(keep_heads, len(parts), "keep_heads")
     todo = []
     for i, (p, k) in enumerate(zip(parts, keep_heads)):
         idx = _as_indices(k, p.attn.num_heads)
@@ -223,13 +218,13 @@ def resize_to_widths(
     heads = heads if heads is not None else getattr(cfg, "skeleton_heads_per_layer", None)
     parts = layer_parts(backbone)
     if widths is not None:
-        _check_len(widths, len(parts), "widths")
+        check_per_layer(widths, len(parts), "widths")
         for w, p in zip(widths, parts):
             if not 0 <= w <= p.ffn_width:
                 raise ValueError(f"width {w} not in [0, {p.ffn_width}]")
         prune_ffn(backbone, [torch.arange(w) for w in widths])
     if heads is not None:
-        _check_len(heads, len(parts), "heads")
+        check_per_layer(heads, len(parts), "heads")
         for h, p in zip(heads, parts):
             if not 0 <= h <= p.attn.num_heads:
                 raise ValueError(f"head count {h} not in [0, {p.attn.num_heads}]")
