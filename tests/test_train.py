@@ -242,7 +242,7 @@ def test_progress_lines_are_printed_once(capsys):
     """Printed where logging does not reach the console; only logged where it does (Hydra's job log)."""
     import logging
 
-    from skeleton.callback import reporter
+    from skeleton.progress import reporter
 
     reporter(None)("hello")
     assert capsys.readouterr().out.count("hello") == 1
