@@ -39,6 +39,12 @@ TINY_CONFIGS: dict[str, dict] = {
         eos_token_id=102,
     ),
     "llama": dict(model_type="llama", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    "xlm-roberta": dict(model_type="xlm-roberta", **_TINY, max_position_embeddings=260, pad_token_id=1),
+    "distilbert": dict(
+        model_type="distilbert", dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=256
+    ),
+    "qwen2": dict(model_type="qwen2", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    "mistral": dict(model_type="mistral", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
     # Families with no registered adapter: inferred (ernie, opt), shared layers (albert), or a user
     # adapter named with model.adapter=... (deberta v1 fuses q/k/v, which inference refuses).
     "ernie": dict(model_type="ernie", **_TINY, max_position_embeddings=256),
@@ -95,11 +101,12 @@ def resolve_name(name_or_path: str) -> str:
     return demo_model_path() if name_or_path == DEMO_MODEL else name_or_path
 
 
-def tiny_config(family: str, vocab_size: int) -> PretrainedConfig:
+def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
+    """The one table of tiny random configs (``tiny:<family>``); tests add their own overrides."""
     if family not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
-    spec = dict(TINY_CONFIGS[family])
-    return AutoConfig.for_model(spec.pop("model_type"), vocab_size=vocab_size, **spec)
+    spec = {**TINY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
 def load_tokenizer(name_or_path: str):
