@@ -7,6 +7,7 @@ the run config under ``skeleton_summary``, which ``skeleton-tables --wandb`` rea
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -101,6 +102,16 @@ def _log_all(logger, flat: dict, run: RunSummary, step: int) -> None:
     if isinstance(logger, WandbLogger):
         log_to_wandb(logger.experiment, run)
     logger.finalize("success")
+    if isinstance(logger, WandbLogger):
+        # Lightning leaves the W&B run open; the next run of a sweep in this process would log into it
+        logger.experiment.finish()
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close a W&B run left open by a run that failed, so the next run of a sweep gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 MODES = ("auto", "online", "offline", "disabled")

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from skeleton import runs
+from skeleton.loggers import finish_wandb
 from skeleton.train import CONFIG_DIR, run_dir_of, train
 
 
@@ -22,6 +23,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except Exception as error:
+        finish_wandb(exit_code=1)
         path = runs.record_failure(run_dir, error)
         print(f"run failed; the error is recorded in {path}")
         if not _in_multirun():
