@@ -11,21 +11,22 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from skeleton import runs
 from skeleton.callback import SkeletonCallback
+from skeleton.configs import register_resolvers
 from skeleton.export import save_skeleton
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import build_loggers, log_summary
 from skeleton.pipeline import SkeletonResult
+from skeleton.progress import quiet_lightning
 from skeleton.reuse import PromptCache
 from skeleton.summary import Measured, RunSummary
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(ROOT / "conf")
-OmegaConf.register_new_resolver("skeleton_root", lambda: str(ROOT), replace=True)
-OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
+register_resolvers()  # train() may be called from Python on a config composed elsewhere
+CHECKPOINTS = "checkpoints"  # Lightning checkpoints of a run, apart from the skeleton artifact
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -43,9 +44,21 @@ def skeleton_config(cfg: DictConfig) -> SkeletonConfig | None:
     return SkeletonConfig.from_dict(OmegaConf.to_container(node, resolve=True))
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    # A callback set to null in an experiment (e.g. early_stopping: null) is switched off.
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+def build_callbacks(cfg: DictConfig, run_dir: Path | None = None, has_logger: bool = True) -> list:
+    """The ``callbacks`` group, fitted to the run: a callback set to null (``early_stopping: null``) is off,
+    the LR monitor is dropped without a logger (it raises), checkpoints go to ``run_dir/checkpoints``
+    (else Lightning puts them under the logger's folder, which for W&B is ``run_dir/skeleton``)."""
+    built = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and run_dir is not None:
+            callback.dirpath = str(Path(run_dir).resolve() / CHECKPOINTS)
+        built.append(callback)
+    return built
 
 
 def train(cfg: DictConfig) -> RunSummary:
@@ -59,14 +72,15 @@ def train(cfg: DictConfig) -> RunSummary:
         return runs.read_summary(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    quiet_lightning()
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.module)
     cache = PromptCache(cfg, cfg.paths.cache_dir) if settings is not None and cfg.get("reuse", True) else None
     skeleton = SkeletonCallback(settings, cache) if settings is not None else None
-    callbacks = build_callbacks(cfg) + ([skeleton] if skeleton is not None else [])
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir)
-    )
+    loggers = build_loggers(cfg, run_dir)
+    callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
+    callbacks += [skeleton] if skeleton is not None else []
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
@@ -82,14 +96,14 @@ def train(cfg: DictConfig) -> RunSummary:
             trainer.fit(model, datamodule=datamodule)
             ended = skeleton.fit_ended_at if skeleton is not None and skeleton.fit_ended_at else None
             train_info = train_stats(trainer, (ended or time.perf_counter()) - started)
-            search_scores = stage_metrics(trainer.callback_metrics, "val")
+            search_scores = stage_metrics(trainer.callback_metrics, "search")
             if cache is not None and cache.has_prompt():
                 cache.update_meta({"train": train_info})
 
     result = skeleton.result if skeleton is not None else None
     best = "best" if result is None and getattr(trainer.checkpoint_callback, "best_model_path", "") else None
     dev_scores = stage_metrics(
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "test"
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "dev"
     )
 
     summary = base_summary(cfg, model, run_dir, train_info, Measured(search_scores, dev_scores))
@@ -133,7 +147,7 @@ def save_artifact(model, result: SkeletonResult, path: Path) -> Path:
 
 
 def stage_metrics(metrics: dict, stage: str) -> dict[str, float]:
-    """``{"val/accuracy": t}`` -> ``{"accuracy": 0.9}`` for one stage, without the loss."""
+    """``{"search/accuracy": t}`` -> ``{"accuracy": 0.9}`` for one stage, without the loss."""
     prefix = f"{stage}/"
     return {
         k[len(prefix) :]: float(v)
