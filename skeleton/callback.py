@@ -19,6 +19,7 @@ from skeleton.pipeline import SkeletonResult, run_skeleton
 from skeleton.recovery import trainer_recovery
 
 log = logging.getLogger(__name__)
+WARNING = "WARNING: "  # the pipeline's prefix for a warning line: logged at WARNING level
 
 
 class SkeletonCallback(Callback):
@@ -98,7 +99,10 @@ def reporter(trainer: L.Trainer | None):
         if trainer is None or trainer.is_global_zero:
             if echo:
                 print(f"[skeleton] {message}", flush=True)
-            log.info(message)
+            if message.startswith(WARNING):
+                log.warning(message[len(WARNING) :])
+            else:
+                log.info(message)
 
     return report
 

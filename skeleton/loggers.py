@@ -33,8 +33,15 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         else:
             node["save_dir"] = str(run_dir)
         # built directly, not through instantiate: the resolved config it carries holds _target_ keys
-        loggers.append(get_class(node.pop("_target_"))(**node))
+        loggers.append(without_anonymous(get_class(node.pop("_target_"))(**node)))
     return loggers
+
+
+def without_anonymous(logger):
+    """Lightning always hands W&B an ``anonymous`` setting, which W&B then warns has no effect."""
+    if isinstance(logger, WandbLogger):
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def run_tags(cfg: DictConfig) -> list[str]:

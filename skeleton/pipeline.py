@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,10 +38,24 @@ from skeleton.localize import (
     select_heads,
     select_neurons,
 )
-from skeleton.localize.config import SkeletonConfig
+from skeleton.localize.config import SkeletonConfig, rounds_of
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
 
 Report = Callable[[str], None]
+
+
+class Eta:
+    """``k/total, eta Ns`` for progress lines, from the mean time of the steps done so far."""
+
+    def __init__(self, total: int, done: int = 0):
+        self.total, self.done, self.started = total, done, time.perf_counter()
+
+    def step(self) -> str:
+        self.done += 1
+        left = max(self.total - self.done, 0) * (time.perf_counter() - self.started) / self.done
+        return f"{self.done}/{self.total}, eta {left:.0f}s"
+
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 DEGENERATE = (
@@ -204,13 +219,14 @@ def score_model(
 
     if not opts.iterative:
         return score_once()
+    eta = Eta(len(rounds_of(opts.iterative_step, opts.iterative_until)) + 1, done=1)  # a pass per round
     return score_iteratively(
         score_once,
         model.backbone,
         step=opts.iterative_step,
         until=opts.iterative_until,
         scope=cfg.pruning.scope,
-        progress=lambda rate, _: report(f"  attribution re-scored with {rate:.0%} masked"),
+        progress=lambda rate, _: report(f"  attribution re-scored with {rate:.0%} masked ({eta.step()})"),
     )
 
 
@@ -262,6 +278,8 @@ def search_rate(
                 f"(dense {base:.4f}), beyond psi={cfg.psi}: lower skeleton.pruning.head_rate"
             )
             report(f"WARNING: {warnings[-1]}")
+    # a binary search over the grid plus the lookahead: the usual number of evaluations, not a bound
+    eta = Eta(math.ceil(math.log2(math.floor(s.max_rate / s.granularity + 1e-9) + 1)) + s.lookahead)
     found = search_pruning_rate(
         evaluate_rate,
         base,
@@ -270,7 +288,7 @@ def search_rate(
         max_rate=s.max_rate,
         lookahead=s.lookahead,
         progress=lambda r, score, ok: report(
-            f"  rate {r:.2f}: {headline} {score:.4f} {'ok' if ok else 'over margin'}"
+            f"  rate {r:.2f}: {headline} {score:.4f} {'ok' if ok else 'over margin'} (~{eta.step()})"
         ),
     )
     report(

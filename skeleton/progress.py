@@ -1,7 +1,9 @@
-"""Progress that reads well both in a terminal (a Rich bar) and in a log file (one line every N steps)."""
+"""Progress that reads well both in a terminal (a Rich bar) and in a log file (one line every N steps),
+and a console without Lightning's advertisements."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -38,11 +40,44 @@ class LineProgress(ProgressBar):
         print(f"step {step}/{total}{loss_text} ({per_step:.2f} s/step{eta})", flush=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        score = trainer.callback_metrics.get("val/score")
+        score = trainer.callback_metrics.get("search/score")
         if self._enabled and trainer.is_global_zero and score is not None and not trainer.sanity_checking:
             print(f"step {trainer.global_step}: search-split score {float(score):.4f}", flush=True)
 
 
+class StepsRichProgressBar(RichProgressBar):
+    """A Rich bar whose epoch total stops at ``max_steps``: a run bounded by steps shows (and times)
+    the batches it will run, not the whole epoch."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches
+        return min(total, steps_left(self.trainer) * self.trainer.accumulate_grad_batches)
+
+
+def steps_left(trainer) -> int | float:
+    return trainer.max_steps - trainer.global_step if trainer.max_steps > 0 else float("inf")
+
+
 def progress_bar(every: int = 50) -> ProgressBar:
     """A Rich bar in a terminal, plain lines otherwise (a Rich bar prints nothing into a log file)."""
-    return RichProgressBar() if sys.stdout.isatty() else LineProgress(every)
+    return StepsRichProgressBar() if sys.stdout.isatty() else LineProgress(every)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." advertisements."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """No tips, and each Lightning line once: Lightning's own console handler repeats what the root
+    logger (Hydra's job logging) already prints."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+    if logging.getLogger().handlers:
+        top = logging.getLogger("lightning")
+        for handler in [h for h in top.handlers if type(h) is logging.StreamHandler]:
+            top.removeHandler(handler)
