@@ -40,9 +40,7 @@ HYDRA_FLAGS = """\
 def usage() -> str:
     """Our help text: what the command does, the config groups and their options, common overrides."""
     listed = "\n".join(
-        textwrap.fill(
-            ", ".join(options(group)), 100, initial_indent=f"  {group:<13}", subsequent_indent=" " * 15
-        )
+        textwrap.fill(", ".join(options(group)), 100, break_on_hyphens=False, **_indents(group))
         for group in groups()
     )
     return (
@@ -53,6 +51,10 @@ def usage() -> str:
         f"config groups (choose with group=option; files in {CONFIG_DIR}):\n{listed}\n\n"
         f"common overrides:\n{COMMON}\n\nflags:\n{HYDRA_FLAGS}\n"
     )
+
+
+def _indents(group: str) -> dict:
+    return {"initial_indent": f"  {group:<13}", "subsequent_indent": " " * 15}
 
 
 def main() -> None:
