@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from skeleton import summary as run_summary
 from skeleton.bench import first_examples, measure_latency
 from skeleton.evaluate import evaluate, predict_logits, to_device
-from skeleton.export import build_dense, load_skeleton
+from skeleton.export import build_dense, load_skeleton, read_meta
 from skeleton.localize import masked, select_neurons
 from skeleton.localize.config import SkeletonConfig
 from skeleton.pipeline import score_model
@@ -60,7 +60,7 @@ def curves(name: str, model, datamodule, cfg, rates=RATES) -> dict[str, list[lis
     scope = cfg.skeleton.pruning.scope
     for criterion, overrides in CRITERIA.items():
         attribution = {**OmegaConf.to_container(cfg.skeleton.attribution), "heads": False, **overrides}
-        scores = cached_scores(cfg) if not overrides else None  # the run's own, if its cache is here
+        scores = cached_scores(cfg, model) if not overrides else None  # the run's own, if its cache is here
         if scores is None:
             settings = SkeletonConfig.from_dict({"attribution": attribution, "pruning": {"scope": scope}})
             scores = score_model(model, datamodule, settings, report=lambda _: None)
@@ -79,7 +79,7 @@ def dense_model(run: Path, cfg):
     cache."""
     model = build_dense(run / "skeleton").eval()
     if OmegaConf.select(cfg, "skeleton.recovery.steps", default=0):
-        cache = PromptCache(cfg, cfg.paths.cache_dir)
+        cache = PromptCache.of_run(cfg, read_meta(run / "skeleton")["backbone"]["sha256"])
         if not cache.has_prompt():
             raise SystemExit(
                 f"{run} tuned its prompt again after pruning; its dense prompt is not in the prompt cache "
@@ -89,10 +89,10 @@ def dense_model(run: Path, cfg):
     return model
 
 
-def cached_scores(cfg):
+def cached_scores(cfg, model):
     """The scores the run itself ranked by, from the prompt cache (iterative scoring is the slow part);
     None when this machine has no cache entry for the run (then it scores again)."""
-    return PromptCache(cfg, cfg.paths.cache_dir).load_scores()
+    return PromptCache.of_run(cfg, model.skeleton_info["backbone"]["sha256"]).load_scores()
 
 
 def speedup_at(dense, pruned, datamodule, batch_size: int = 32, repeats: int = 30) -> dict:

@@ -8,6 +8,7 @@ from a config so tests and smoke runs need no weights at all.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -68,7 +69,10 @@ def load_tokenizer(name_or_path: str):
     """Tokenizer for a backbone; tiny random models borrow the demo model's BERT WordPiece vocabulary."""
     source = demo_model_path() if name_or_path.startswith(TINY_PREFIX) else resolve_name(name_or_path)
     _check_local(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise _not_found(source, err) from err
     if tokenizer.pad_token is None:  # decoder families (GPT-2, LLaMA) ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -81,7 +85,10 @@ def load_backbone(name_or_path: str, *, vocab_size: int = 30522, seed: int = 0) 
         return AutoModel.from_config(tiny_config(name_or_path[len(TINY_PREFIX) :], vocab_size))
     source = resolve_name(name_or_path)
     _check_local(source)
-    return AutoModel.from_pretrained(source)
+    try:
+        return AutoModel.from_pretrained(source)
+    except OSError as err:
+        raise _not_found(source, err) from err
 
 
 def _check_local(source: str) -> None:
@@ -90,9 +97,22 @@ def _check_local(source: str) -> None:
         return
     if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise FileNotFoundError(
-            f"backbone folder {source!r} does not exist; pass a folder saved with save_pretrained, "
-            "a hub name (online), or model.backbone=demo for the offline MiniLM"
+            f"backbone folder {source!r} does not exist; pass model.backbone=/path/to/folder (saved with "
+            "save_pretrained), a hub name (online), or model.backbone=demo for the offline MiniLM"
         )
+
+
+def _not_found(source: str, err: OSError) -> OSError:
+    """Offline, transformers' error for a name it cannot find never says which name; this one does."""
+    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    offline = [v for v in switches if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if not offline:
+        return err
+    return OSError(
+        f"backbone {source!r} is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+        f"({' and '.join(offline)} set). Fix: pass model.backbone=/path/to/folder (saved with save_pretrained), "
+        f"model.backbone=demo for the offline MiniLM, or unset {' and '.join(offline)} on a machine with network."
+    )
 
 
 def freeze(module: nn.Module) -> None:

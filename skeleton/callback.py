@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from skeleton.localize.config import SkeletonConfig
+from skeleton.loggers import safely
 from skeleton.pipeline import SkeletonResult, run_skeleton
 from skeleton.recovery import trainer_recovery
 
@@ -54,7 +55,7 @@ class SkeletonCallback(Callback):
         )
         if self.result.scored and self.cache is not None and trainer.is_global_zero:
             self.cache.save_scores(self.result.scores)
-        log_result(trainer, self.result)
+        safely(lambda: log_result(trainer, self.result), "logging the Skeleton step", reporter(trainer))
         return self.result
 
 

@@ -23,6 +23,7 @@ NOT_HYDRA = {("sweeps", "wandb_main")}
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("skeleton_fixtures", lambda: FIXTURES_DIR, replace=True)
     OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
+    OmegaConf.register_new_resolver("unique_suffix", runs.unique_suffix, replace=True)
 
 
 def groups() -> list[str]:

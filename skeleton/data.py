@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedTokenizerBase
 
 from skeleton.backbones import load_tokenizer
-from skeleton.tasks import Example, TaskSpec, get_task, read_split
+from skeleton.tasks import DataFormatError, Example, TaskSpec, get_task, read_split
 
-CACHE_VERSION = 1  # bump when tokenization or the converters change meaning
+CACHE_VERSION = 2  # bump when tokenization, the converters or the cache's metadata change meaning
+log = logging.getLogger("skeleton.data")
 SOURCES = ("auto", "local", "hub")
 # Where the search split comes from. "train" (default): dev stays untouched for reporting. "dev": the
 # search split is a seeded part of dev and only the rest of dev is reported: the usual protocol when
@@ -32,6 +35,7 @@ SOURCES = ("auto", "local", "hub")
 SEARCH_FROM = ("train", "dev")
 ENV_DIRS = {"glue": "GLUE_DIR", "superglue": "SUPERGLUE_DIR"}
 SUBFOLDERS = {"glue": ("glue", "glue_data"), "superglue": ("superglue", "super_glue")}
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 DOWNLOAD = {
     "glue": "download GLUE with the official download_glue_data.py (it writes glue_data/<TASK>/)",
     "superglue": "download SuperGLUE from https://super.gluebenchmark.com/tasks (unzip to <dir>/<TASK>/)",
@@ -59,13 +63,21 @@ def find_local(spec: TaskSpec, split: str, data_dir: str | Path | None = None) -
             return path
     env = ENV_DIRS[spec.benchmark]
     searched = (
-        ", ".join(map(str, candidates)) if candidates else f"nothing (data_dir is None and {env} is unset)"
+        ", ".join(map(str, candidates))
+        if candidates
+        else f"nothing (paths.data_dir is null and {env} is unset)"
     )
     raise FileNotFoundError(
         f"{spec.name}: no local {split} file {spec.folder}/{spec.files[split]}; searched {searched}. "
-        f"Fix: pass data_dir=/path/to/data (a folder holding glue/ and superglue/, or the {spec.benchmark} "
-        f"folder itself) or set {env}; {DOWNLOAD[spec.benchmark]}; or run online with source='hub'."
+        f"Fix: pass paths.data_dir=/path/to/folder-with-glue-and-superglue (or the {spec.benchmark} folder "
+        f"itself; SKELETON_DATA sets the same) or set {env}; {DOWNLOAD[spec.benchmark]}; "
+        f"or run online with data.source=hub."
     )
+
+
+def offline_vars() -> list[str]:
+    """The set offline switches: with any of them, a dataset missing from the local cache cannot load."""
+    return [v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
 
 
 def load_hub(spec: TaskSpec, split: str, local_error: Exception | None = None):
@@ -77,10 +89,18 @@ def load_hub(spec: TaskSpec, split: str, local_error: Exception | None = None):
         return datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
     except Exception as e:
         tried = f"{local_error} Also " if local_error else ""
+        offline = offline_vars()
+        why = (
+            f"the hub is offline ({' and '.join(offline)} set) and the local datasets cache does not hold it "
+            f"({type(e).__name__}: {e})"
+            if offline
+            else f"{type(e).__name__}: {e}"
+        )
         raise FileNotFoundError(
             f"{tried}{spec.name}: could not load {spec.hub_id} ({spec.hub_config}, split {hub_split}) from "
-            f"the Hugging Face hub: {type(e).__name__}: {e}. Fix: run online (unset HF_DATASETS_OFFLINE) "
-            f"or use local files via data_dir= / {ENV_DIRS[spec.benchmark]}."
+            f"the Hugging Face hub: {why}. Fix: run online (unset {' and '.join(offline or OFFLINE_VARS)} on a "
+            f"machine with network) or use local files via paths.data_dir=/path/to/folder-with-glue-and-superglue "
+            f"(or {ENV_DIRS[spec.benchmark]}) with data.source=local."
         ) from e
 
 
@@ -100,9 +120,29 @@ class RawSplit:
             return f"local:{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         return f"hub:{self.spec.hub_id}:{self.spec.hub_config}:{self.dataset._fingerprint}"
 
+    @property
+    def origin(self) -> str:
+        """Where the split was read from, for error messages."""
+        if self.path is not None:
+            return str(self.path)
+        return f"hub {self.spec.hub_id} ({self.spec.hub_config})"
+
     def examples(self) -> list[Example]:
-        rows = read_split(self.spec, self.path) if self.path is not None else self.dataset
-        return [self.spec.convert(row) for row in rows]
+        if self.path is not None:
+            return [self.spec.convert(row) for row in read_split(self.spec, self.path)]
+        self._check_hub_fields()
+        return [self.spec.convert(row) for row in self.dataset]
+
+    def _check_hub_fields(self) -> None:
+        """A hub dataset without the spec's fields would fail in the converter with a bare KeyError."""
+        columns = getattr(self.dataset, "column_names", None)
+        needed = self.spec.fields or tuple(f for f in self.spec.columns or {} if f != "label")
+        missing = [f for f in needed if columns is not None and f not in columns]
+        if missing:
+            raise DataFormatError(
+                f"{self.origin}: missing field(s) {missing} for {self.spec.name}; it has {columns}. "
+                f"Fix: check the dataset id and config, or use the official files with paths.data_dir="
+            )
 
 
 def locate(spec: TaskSpec, split: str, data_dir=None, source: str = "auto") -> RawSplit:
@@ -162,6 +202,41 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, chunk: int = 2
         scores = [s for ex in examples for s in ex.candidate_scores]
         out["candidate_scores"] = torch.tensor(scores, dtype=torch.float32).reshape(-1, 2)
     return out
+
+
+def count_truncated(
+    examples: list[Example], tokenizer, max_length: int, tensors: dict[str, Tensor], chunk: int = 2048
+) -> int:
+    """Examples with at least one row that `tokenize` cut. Only rows that came out exactly max_length
+    long can have been cut, so only those are tokenized again, without truncation, to tell."""
+    full = (tensors["row_lengths"] >= max_length).nonzero().flatten().tolist()
+    if not full:
+        return 0
+    pairs = [t for ex in examples for t in ex.texts]
+    owner = torch.repeat_interleave(torch.arange(len(examples)), tensors["num_choices"].long())
+    cut: set[int] = set()
+    for i in range(0, len(full), chunk):
+        rows = full[i : i + chunk]
+        a, b = zip(*(pairs[r] for r in rows))
+        enc = tokenizer(list(a), None if b[0] is None else list(b), truncation=False, verbose=False)
+        cut.update(int(owner[r]) for r, ids in zip(rows, enc["input_ids"]) if len(ids) > max_length)
+    return len(cut)
+
+
+def read_cache(path: Path) -> tuple[dict[str, Tensor], int] | None:
+    """A cached split and its truncation count, or None to rebuild it: it is only a cache, so an
+    unreadable file (a full disk, a copy cut short) costs one tokenization, not the run."""
+    try:
+        with safe_open(path, "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (OSError, SafetensorError) as err:
+        log.warning(f"rebuilding the unreadable token cache {path} ({type(err).__name__}: {err})")
+        return None
+    return (tensors, int(meta["truncated"])) if "truncated" in meta else None
+
+
+class EmptySplitError(ValueError):
+    """A split that the run needs holds no examples: caught at setup, not at the end of a long run."""
 
 
 class TokenizedSplit(Dataset):
@@ -253,6 +328,21 @@ def collator_for(tokenizer, spec: TaskSpec) -> Collator:
 
 
 # ---- the data module -------------------------------------------------------------------------------
+def check_numbers(**settings) -> None:
+    """Sizes must be numbers in range; counts of 0 are refused at setup, which knows the split sizes."""
+    minimum = {"max_length": 1, "batch_size": 1, "eval_batch_size": 1}
+    for key, value in settings.items():
+        if value is None and key.startswith("max_") and key != "max_length":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        integral = key == "search_size" or isinstance(value, int)
+        low = minimum.get(key, 0)
+        if not number or not integral or value < low:
+            kind = "a count or a fraction" if key == "search_size" else "an integer"
+            null = " or null" if key.startswith("max_") and key != "max_length" else ""
+            raise ValueError(f"data.{key}={value!r} is invalid; allowed: {kind} >= {low}{null}")
+
+
 class TaskDataModule(L.LightningDataModule):
     """One task's splits as DataLoaders. See the module docstring for which split serves what."""
 
@@ -281,6 +371,9 @@ class TaskDataModule(L.LightningDataModule):
         if search_from not in SEARCH_FROM:
             raise ValueError(f"data.search_from must be one of {SEARCH_FROM}, got {search_from!r}")
         self.search_from = search_from
+        check_numbers(max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                      search_size=search_size, search_max=search_max, attribution_size=attribution_size,
+                      max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)  # fmt: skip
         self.task: TaskSpec = get_task(task)
         # a name/path, or an already loaded tokenizer (saves a reload when the caller has one)
         loaded = not isinstance(tokenizer, (str, os.PathLike))
@@ -293,6 +386,8 @@ class TaskDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir or default_cache).expanduser()
         self._tokenizer, self._tokenizer_fp = (tokenizer if loaded else None), None
         self.splits: dict[str, TokenizedSplit] = {}
+        self.origins: dict[str, str] = {}  # split -> the file or hub dataset it was read from
+        self.truncated: dict[str, tuple[int, int]] = {}  # split -> (inputs cut by max_length, inputs)
         self.train_indices: Tensor | None = None
         self.search_indices: Tensor | None = None
         self.dev_search_indices: Tensor | None = None
@@ -306,24 +401,103 @@ class TaskDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        """Load + tokenize what `stage` needs, once. test/predict need only dev; everything else also
-        needs train, which the search split is carved from."""
+        """Load + tokenize what `stage` needs, once, then check it (see `validate`). test/predict need
+        only dev; everything else also needs train, which the search split is carved from."""
         self.split("dev")
         if stage not in ("test", "predict"):
             self.split("train")
+        self.check(stage)
+
+    def validate(self, stage: str | None = "fit") -> None:
+        """Load what `stage` needs and fail now if a split it serves is empty or the tokenizer cannot
+        take max_length: the training entry point calls this before it builds the model and Trainer."""
+        self.setup(stage)
+
+    def check(self, stage: str | None = None) -> None:
+        """Raise, naming the setting to change, for any split the stage would serve empty: an empty
+        train or search split fails in the first step, an empty dev set only after the whole run."""
+        self._check_tokenizer()
+        if stage not in ("test", "predict"):
+            self._check_train()
+            self._check_search()
+        self._check_dev()
 
     def split(self, name: str) -> TokenizedSplit:
         """A whole tokenized split ("train", "dev", or an extra one like "dev_mismatched"), from the
         cache when the (task, split, tokenizer, max_length, source) key matches."""
         if name not in self.splits:
             raw = locate(self.task, name, self.data_dir, self.source)
+            self.origins[name] = raw.origin
             self.splits[name] = TokenizedSplit(self._tokenized(name, raw))
+            self._report_truncated(name)
             if name == "train":
                 self._carve_search_split()
             if name == "dev" and self.search_from == "dev":  # search on part of dev, report the rest
                 search, report = self._carve(len(self.splits["dev"]), from_here=True)
                 self.dev_search_indices, self.dev_report_indices = search.sort().values, report.sort().values
         return self.splits[name]
+
+    def _check_tokenizer(self) -> None:
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and limit < 1_000_000 and self.max_length > limit:
+            raise ValueError(
+                f"data.max_length={self.max_length} exceeds what the tokenizer {self.tokenizer_name} takes "
+                f"(model_max_length={limit}); allowed: 1..{limit}"
+            )
+
+    def _empty(self, split: str, what: str, fix: str) -> EmptySplitError:
+        return EmptySplitError(f"{self.task.name}: the {split} split is empty: {what}. Fix: {fix}")
+
+    def _check_train(self) -> None:
+        n, origin = len(self.splits["train"]), self.origins["train"]
+        if n == 0:
+            raise self._empty("train", f"{origin} has no examples", "use a complete copy of the train data")
+        if len(self.train_indices) == 0:
+            if self.max_train_samples == 0:
+                raise self._empty(
+                    "train", "data.max_train_samples=0", "set a positive count, or null for all"
+                )
+            raise self._empty(
+                "train",
+                f"the search split takes all {n} examples of {origin} (data.search_size={self.search_size}, "
+                f"data.search_max={self.search_max})",
+                "lower data.search_size, or search on dev with data.search_from=dev",
+            )
+
+    def _check_search(self) -> None:
+        """The search split drives early stopping and the margin search."""
+        source = "dev" if self.search_from == "dev" else "train"
+        indices = self.dev_search_indices if source == "dev" else self.search_indices
+        if len(indices[: self.max_eval_samples]) > 0:
+            return
+        n, origin = len(self.splits[source]), self.origins[source]
+        if self.max_eval_samples == 0:
+            what, fix = "data.max_eval_samples=0", "set a positive count, or null for all"
+        elif self.search_max == 0:
+            what, fix = "data.search_max=0", "set data.search_max to a positive count"
+        else:
+            what = f"data.search_size={self.search_size} of the {n} examples of {origin} rounds to 0"
+            if source == "dev":
+                what += " (data.search_from=dev on a small dev set)"
+            fix = "raise data.search_size (a count such as 100, or a larger fraction)"
+        raise self._empty("search", what, fix)
+
+    def _check_dev(self) -> None:
+        """The reported split: every score of the run's summary is measured on it."""
+        n, origin = len(self.splits["dev"]), self.origins["dev"]
+        indices = self.dev_report_indices if self.dev_report_indices is not None else torch.arange(n)
+        if len(indices[: self.max_eval_samples]) > 0:
+            return
+        if n == 0:
+            raise self._empty("dev", f"{origin} has no examples", "use a complete copy of the dev data")
+        if self.max_eval_samples == 0:
+            raise self._empty("dev", "data.max_eval_samples=0", "set a positive count, or null for all")
+        raise self._empty(
+            "dev",
+            f"data.search_from=dev with data.search_size={self.search_size} takes all {n} examples of "
+            f"{origin} for the search split, leaving none to report",
+            "lower data.search_size, or use data.search_from=train",
+        )
 
     def cache_path(self, name: str, raw: RawSplit) -> Path:
         if self._tokenizer_fp is None:
@@ -333,15 +507,32 @@ class TaskDataModule(L.LightningDataModule):
         return self.cache_dir / "tokenized" / f"{self.task.name}-{name}-{digest}.safetensors"
 
     def _tokenized(self, name: str, raw: RawSplit) -> dict[str, Tensor]:
+        """Tensors from the cache, or tokenized and cached with the truncation count in the metadata,
+        so a cache hit reports it too."""
         path = self.cache_path(name, raw)
-        if path.is_file():
-            return load_file(path)
-        tensors = tokenize(raw.examples(), self.tokenizer, self.max_length)
+        cached = read_cache(path) if path.is_file() else None
+        if cached is not None:
+            tensors, cut = cached
+            self.truncated[name] = (cut, len(tensors["labels"]))
+            return tensors
+        examples = raw.examples()
+        tensors = tokenize(examples, self.tokenizer, self.max_length)
+        cut = count_truncated(examples, self.tokenizer, self.max_length, tensors)
+        self.truncated[name] = (cut, len(examples))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata={"task": self.task.name, "split": name, "source": raw.fingerprint})
+        meta = {"task": self.task.name, "split": name, "source": raw.fingerprint, "truncated": str(cut)}
+        save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
         return tensors
+
+    def _report_truncated(self, name: str) -> None:
+        cut, total = self.truncated.get(name, (0, 0))
+        if cut:
+            log.warning(
+                f"{name}: {cut:,} of {total:,} inputs longer than data.max_length={self.max_length} tokens "
+                f"are truncated (raise data.max_length to keep them)"
+            )
 
     def _carve_search_split(self) -> None:
         """Hold out the search split from train: a seeded permutation's first k examples, k a fraction

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from skeleton import hf_native, hub
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
 from skeleton.prompt import PromptTunedModel
@@ -47,6 +48,19 @@ class BackboneMismatchError(ValueError):
 
 class ArtifactError(ValueError):
     """A folder that is not a readable skeleton artifact or export."""
+
+
+REWRITE = "the file is truncated or corrupt (a run killed while writing it?); re-export the skeleton"
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """An artifact's safetensors file, or an ArtifactError naming it (never a bare SafetensorError)."""
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: {REWRITE}") from None
+    except Exception as err:  # safetensors raises its own, non-OSError types for bad headers
+        raise ArtifactError(f"{path} is unreadable ({err}): {REWRITE}") from None
 
 
 # ---- small shared pieces -------------------------------------------------------------------------
@@ -89,6 +103,8 @@ def _normalise_keep(keep, current: list[int], what: str) -> list[torch.Tensor]:
 def resolve_artifact(path: str | Path) -> Path:
     """The artifact folder: `path` itself, or the `skeleton/` folder of a training run directory."""
     path = Path(path).expanduser()
+    if not path.exists() and hub.is_repo_id(path):  # not a local folder: a Hub repo id
+        return resolve_artifact(hub.resolve(path))
     if not path.exists():
         raise ArtifactError(f"{path} does not exist: pass a skeleton artifact, an export or a run folder")
     for candidate in (path, path / "skeleton"):
@@ -102,9 +118,13 @@ def resolve_artifact(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> dict:
     path = resolve_artifact(path)
-    meta = json.loads((path / META).read_text())
-    if meta.get("kind") not in KINDS:
-        raise ArtifactError(f"{path / META} is not a skeleton artifact (kind={meta.get('kind')!r})")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path / META} is unreadable ({err}): {REWRITE}") from None
+    if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{path / META} is not a skeleton artifact (kind={kind!r}): {REWRITE}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format version {meta['format_version']}; this skeleton reads up to {FORMAT_VERSION}: "
@@ -171,7 +191,7 @@ def load_trained(model: PromptTunedModel, path: str | Path) -> dict:
     """Put an artifact's prompt and head into ``model`` (checked against it); returns its metadata."""
     path = resolve_artifact(path)
     meta = read_meta(path)
-    model.load_trained_state(_trained_of(load_file(path / TENSORS)), source=str(path / TENSORS))
+    model.load_trained_state(_trained_of(read_tensors(path / TENSORS)), source=str(path / TENSORS))
     return meta
 
 
@@ -208,7 +228,7 @@ def _check_identity(model: PromptTunedModel, meta: dict, source: str, path: Path
 def apply_keep(model: PromptTunedModel, path: str | Path) -> PromptTunedModel:
     """Prune a dense model in place with the kept indices stored in the skeleton at `path`."""
     path = resolve_artifact(path)
-    meta, tensors = read_meta(path), load_file(path / TENSORS)
+    meta, tensors = read_meta(path), read_tensors(path / TENSORS)
     n = meta["num_layers"]
     prune_ffn(model.backbone, [tensors[f"keep.ffn.{i}"] for i in range(n)])
     if meta.get("heads_per_layer") is not None:
@@ -225,6 +245,7 @@ def load_skeleton(
 ) -> PromptTunedModel:
     """Rebuild the saved pruned model: dense backbone (verified by hash) -> prune -> prompt and head.
     Returned in eval mode; its predictions equal those of the model that was saved."""
+    path = resolve_artifact(path)  # a Hub repo id is downloaded once, here
     return apply_keep(build_dense(path, backbone, check_hash=check_hash), path)
 
 
@@ -249,7 +270,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     backbone = model.backbone
     backbone.config.skeleton_ffn_widths = ffn_widths(backbone)
     backbone.config.skeleton_heads_per_layer = heads_per_layer(backbone)
-    backbone.config.save_pretrained(path)
+    hf_native.save_config(backbone, path)  # loadable with AutoModel.from_pretrained
     save_file(_state_dict_for_safetensors(backbone), path / WEIGHTS, metadata={"format": "pt"})
     tokenizer_for(model).save_pretrained(path)
     save_file(model.trained_state(), path / TENSORS, metadata={"format": "pt"})
@@ -273,7 +294,9 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
 def build_pruned_backbone(path: str | Path) -> nn.Module:
     """The exported backbone: dense shapes from config.json, shrunk to the recorded widths, then loaded."""
     path = Path(path)
-    state = load_file(path / WEIGHTS)
+    if hf_native.is_native(path):  # exports written since the pruned classes exist
+        return hf_native.load_backbone(path)
+    state = read_tensors(path / WEIGHTS)
     backbone = AutoModel.from_config(AutoConfig.from_pretrained(path))
     resize_to_widths(backbone)
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
@@ -284,7 +307,7 @@ def build_pruned_backbone(path: str | Path) -> nn.Module:
 
 
 def load_pruned(path: str | Path) -> PromptTunedModel:
-    """Rebuild an exported model from its own folder only (no dense weights, no hub). Eval mode.
+    """Rebuild an exported model from its own folder (or Hub repo) only: no dense weights. Eval mode.
 
     The pruned backbone is rebuilt from the export's config and handed to the model ready-made."""
     path = resolve_artifact(path)
@@ -300,7 +323,8 @@ def load_pruned(path: str | Path) -> PromptTunedModel:
 
 
 def load_model(path: str | Path, backbone: str | None = None, *, check_hash: bool = True) -> PromptTunedModel:
-    """Any artifact (or a run folder): what the command-line tools accept."""
+    """Any artifact (or a run folder, or a Hub repo id): what the command-line tools accept."""
+    path = resolve_artifact(path)
     kind = read_meta(path)["kind"]
     if kind == KIND_EXPORT:
         return load_pruned(path)

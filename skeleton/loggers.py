@@ -16,7 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from skeleton.summary import WANDB_KEY, RunSummary
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+class LoggerConfigError(ValueError):
+    """A logger setting that cannot work here (online W&B without credentials)."""
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, report=print) -> list:
+    """The run's loggers, W&B already started: a W&B that cannot start fails over to offline before
+    training, never after it."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
@@ -26,14 +32,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             mode = wandb_mode(node.pop("mode", "auto"))
             if mode == "disabled":
                 continue
+            timeout = float(node.pop("init_timeout", 30))
             node.update(mode=mode, save_dir=str(run_dir), name=run_dir.name, dir=str(run_dir))
             node["group"] = node.get("group") or cfg.get("sweep_name")
             node["tags"] = sorted({*node.get("tags", []), *run_tags(cfg)})
             node["config"] = OmegaConf.to_container(cfg, resolve=True)  # the resolved config, searchable
-        else:
-            node["save_dir"] = str(run_dir)
+            loggers.append(start_wandb(node, timeout, run_dir, report))
+            continue
+        node["save_dir"] = str(run_dir)
         # built directly, not through instantiate: the resolved config it carries holds _target_ keys
-        loggers.append(without_anonymous(get_class(node.pop("_target_"))(**node)))
+        loggers.append(get_class(node.pop("_target_"))(**node))
     return loggers
 
 
@@ -42,6 +50,34 @@ def without_anonymous(logger):
     if isinstance(logger, WandbLogger):
         logger._wandb_init.pop("anonymous", None)
     return logger
+
+
+def start_wandb(node: dict, timeout: float, run_dir: Path, report=print):
+    """Start the W&B run now, bounded by ``timeout`` seconds; offline (synced later) if it cannot."""
+    import wandb  # only where W&B is used: importing it costs seconds
+
+    kind = get_class(node.pop("_target_"))
+    logger = without_anonymous(kind(**node, settings=wandb.Settings(init_timeout=timeout)))
+    if node["mode"] != "online":
+        return logger
+    try:
+        logger.experiment  # noqa: B018  (wandb.init happens here)
+        return logger
+    except Exception as err:
+        wandb.finish(exit_code=1, quiet=True)
+        report(
+            f"WARNING: W&B could not start online within {timeout:.0f}s ({type(err).__name__}: {err}); "
+            f"logging offline into {run_dir / 'wandb'}. Upload it later with: wandb sync {run_dir}/wandb/offline-run-*"
+        )
+        return without_anonymous(kind(**{**node, "mode": "offline"}))
+
+
+def safely(action, what: str, report=print) -> None:
+    """Run a logging call; a failure is reported, never allowed to lose the run's results."""
+    try:
+        action()
+    except Exception as err:
+        report(f"WARNING: {what} failed ({type(err).__name__}: {err}); the run's results are on disk")
 
 
 def run_tags(cfg: DictConfig) -> list[str]:
@@ -64,22 +100,43 @@ def log_summary(loggers: list, run: RunSummary, step: int) -> None:
         flat["summary/rate"] = run.skeleton.rate
         flat["summary/speedup"] = run.skeleton.latency.speedup
     for logger in loggers:
-        logger.log_metrics(flat, step=step)
-        if isinstance(logger, WandbLogger):
-            log_to_wandb(logger.experiment, run)
-        logger.finalize("success")
+        safely(lambda logger=logger: _log_all(logger, flat, run, step), f"logging to {type(logger).__name__}")
+
+
+def _log_all(logger, flat: dict, run: RunSummary, step: int) -> None:
+    logger.log_metrics(flat, step=step)
+    if isinstance(logger, WandbLogger):
+        log_to_wandb(logger.experiment, run)
+    logger.finalize("success")
+
+
+MODES = ("auto", "online", "offline", "disabled")
 
 
 def wandb_mode(requested: str = "auto") -> str:
-    """``auto`` goes online only with credentials: never an interactive login prompt, never a hang."""
-    if requested != "auto":
-        return requested
+    """``auto`` follows WANDB_MODE when it is set, else goes online only with credentials: never an
+    interactive login prompt, never a hang. Online without credentials fails now, naming the fix."""
+    if requested not in MODES:
+        raise LoggerConfigError(
+            f"logger.wandb.mode={requested!r} is unknown; choose one of: {', '.join(MODES)}"
+        )
+    mode = requested if requested != "auto" else os.environ.get("WANDB_MODE") or "auto"
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    if mode == "online" and not has_wandb_credentials():
+        where = "WANDB_MODE=online" if requested == "auto" else "logger.wandb.mode=online"
+        raise LoggerConfigError(
+            f"{where} but no W&B credentials are set: export WANDB_API_KEY=... or run `wandb login`, "
+            "or log offline (logger.wandb.mode=offline, WANDB_MODE=offline) or not at all (logger=csv)"
+        )
+    return mode
+
+
+def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def log_to_wandb(experiment, run: RunSummary) -> None:

@@ -28,17 +28,18 @@ class TrainedStateError(ValueError):
     """A saved prompt + head that does not fit this model (another backbone size, task or prompt length)."""
 
 
-PROMPT_INITS = ("random", "vocab", "text")
+PROMPT_INITS = ("random", "vocab", "text", "peft")
 
 
 @dataclass
 class PromptConfig:
     """How the soft prompt is shaped and initialised (kept apart from the model, as PEFT does)."""
 
-    num_tokens: int = 20
-    init: str = "vocab"  # random | vocab (embeddings of sampled vocabulary tokens) | text
+    num_tokens: int | None = 20  # None only with init=peft: the adapter's number of tokens
+    init: str = "vocab"  # random | vocab (embeddings of sampled vocabulary tokens) | text | peft
     init_text: str | None = None
     lr: float = 3e-2
+    path: str | None = None  # init=peft: a PEFT prompt-tuning adapter folder (skeleton.peft_interop)
 
     def __post_init__(self):
         if self.init not in PROMPT_INITS:
@@ -47,8 +48,18 @@ class PromptConfig:
             raise ValueError(
                 "prompt.init=text needs prompt.init_text='...' (the words to start the prompt from)"
             )
-        if self.num_tokens < 1:
+        if self.init == "peft":
+            self._from_peft()
+        if self.num_tokens is None or self.num_tokens < 1:
             raise ValueError(f"prompt.num_tokens must be >= 1, got {self.num_tokens}")
+
+    def _from_peft(self) -> None:
+        from skeleton.peft_interop import adapter_num_tokens
+
+        if not self.path:
+            raise ValueError("prompt.init=peft needs prompt.path=FOLDER (a PEFT prompt-tuning adapter)")
+        if self.num_tokens is None:
+            self.num_tokens = adapter_num_tokens(self.path)
 
 
 class SoftPrompt(nn.Module):
@@ -70,6 +81,10 @@ class SoftPrompt(nn.Module):
         """Vocabulary init (Lester et al. 2021) starts inside the embedding manifold and trains faster."""
         weight = word_embeddings.weight.detach()
         gen = torch.Generator().manual_seed(seed)
+        if cfg.init == "peft":  # a prompt someone already tuned with PEFT
+            from skeleton.peft_interop import load_peft_prompt
+
+            return cls(load_peft_prompt(cfg.path, hidden_size=weight.shape[1], num_tokens=cfg.num_tokens))
         if cfg.init == "random":
             std = weight.std().item()
             return cls(torch.randn(cfg.num_tokens, weight.shape[1], generator=gen) * std)

@@ -1,10 +1,11 @@
 """Reuse a converged prompt and its attribution scores across margins.
 
 Prompt tuning and attribution do not depend on psi, so a margin sweep tunes each (task, model,
-seed, ...) once. The prompt (and head) are stored under the hash of every config key that can
-change them; scores under a hash that also covers the attribution settings. One more margin
-then costs one search, not one training. An entry is a skeleton artifact without kept indices
-(``export.save_trained``): safetensors + JSON only.
+seed, ...) once. The prompt (and head) are stored under a hash of every config key that can change
+them, the data's contents and the backbone's weights hash; scores under a hash that also covers the
+attribution settings. One more margin then costs one search, not one training. Keys never hold a
+path, so a moved cache or data folder still hits. An entry is a skeleton artifact without kept
+indices (``export.save_trained``): safetensors + JSON only.
 """
 
 from __future__ import annotations
@@ -18,26 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skeleton import runs
-from skeleton.export import META, load_trained, save_trained
+from skeleton.export import META, ArtifactError, load_trained, save_trained
+from skeleton.fingerprints import NOT_RESULT, data_fingerprint
 from skeleton.localize import Scores
 
-# Keys that never change the trained prompt: where things are written, how runs are named and
-# logged, and everything the Skeleton step does after the prompt has converged.
-NOT_PROMPT = (
-    "run_dir",
-    "sweep_name",
-    "tags",
-    "skip_completed",
-    "save_artifact",
-    "reuse",
-    "paths.output_root",
-    "paths.cache_dir",
-    "logger",
-    "callbacks.progress",
-    "callbacks.lr_monitor",
-    "skeleton",
-    "data.attribution_size",
-)
+# Keys that never change the trained prompt: those that change no result at all, and everything
+# the Skeleton step does after the prompt has converged.
+NOT_PROMPT = (*NOT_RESULT, "skeleton", "data.attribution_size")
 # Keys that never change attribution scores, given the prompt.
 NOT_SCORES = (
     "skeleton.psi",
@@ -51,18 +39,28 @@ NOT_SCORES = (
     "skeleton.restore_best",
 )
 
-CACHE_FORMAT = 2  # entries are skeleton artifacts of kind "prompt" (format 1: prompt.safetensors)
+CACHE_FORMAT = 3  # 3: keys cover data contents and backbone weights; entries are "prompt" artifacts
+
+
+class CacheError(RuntimeError):
+    """A cache entry that cannot be read: the message names the entry to delete."""
 
 
 class PromptCache:
-    """One folder per converged prompt: ``<cache_dir>/prompts/<prompt hash>/``."""
+    """One folder per converged prompt: ``<cache_dir>/prompts-v3/<prompt hash>/``."""
 
-    def __init__(self, cfg: DictConfig, root: str | Path):
+    def __init__(self, cfg: DictConfig, root: str | Path, *, data: str, backbone_sha256: str):
         config = OmegaConf.to_container(cfg, resolve=True)
-        self.prompt_key = runs.config_hash(config, NOT_PROMPT)
+        identity = {"data": data, "backbone": backbone_sha256, "format": CACHE_FORMAT}
+        self.prompt_key = runs.config_hash({**config, "_identity": identity}, NOT_PROMPT)
         score_exclude = tuple(k for k in NOT_PROMPT if k != "skeleton") + NOT_SCORES
-        self.scores_key = runs.config_hash(config, score_exclude)
-        self.folder = Path(root) / f"prompts-v{CACHE_FORMAT}" / self.prompt_key
+        self.scores_key = runs.config_hash({**config, "_identity": identity}, score_exclude)
+        self.folder = Path(root).expanduser() / f"prompts-v{CACHE_FORMAT}" / self.prompt_key
+
+    @classmethod
+    def of_run(cls, cfg: DictConfig, backbone_sha256: str) -> PromptCache:
+        """The entry a run with this (resolved) config and dense backbone used."""
+        return cls(cfg, cfg.paths.cache_dir, data=data_fingerprint(cfg), backbone_sha256=backbone_sha256)
 
     # ---- prompt + head ---------------------------------------------------------------------------
     def has_prompt(self) -> bool:
@@ -79,7 +77,10 @@ class PromptCache:
     def load_prompt(self, model: torch.nn.Module) -> dict:
         """Load prompt + head into ``model`` (refused, naming the entry, if they do not fit); returns
         the metadata saved with them."""
-        return load_trained(model, self.folder).get("extra", {})
+        try:
+            return load_trained(model, self.folder).get("extra", {})
+        except ArtifactError as err:
+            raise CacheError(f"{err}. It is a cache entry: {self._fix}") from None
 
     # ---- attribution scores ---------------------------------------------------------------------
     @property
@@ -87,7 +88,14 @@ class PromptCache:
         return self.folder / f"scores-{self.scores_key}.safetensors"
 
     def load_scores(self) -> Scores | None:
-        return Scores.load(str(self.scores_path)) if self.scores_path.exists() else None
+        if not self.scores_path.exists():
+            return None
+        try:
+            return Scores.load(str(self.scores_path))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise CacheError(
+                f"cached scores {self.scores_path} are unreadable ({err}); {self._fix}"
+            ) from None
 
     def save_scores(self, scores: Scores) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -95,12 +103,23 @@ class PromptCache:
         scores.save(str(tmp))
         tmp.replace(self.scores_path)
 
+    @property
+    def _fix(self) -> str:
+        return f"delete {self.folder} (rm -r) to rebuild it, or run with reuse=false"
+
     @contextmanager
-    def lock(self):
-        """Runs of one prompt in parallel (joblib, SLURM arrays) wait for the first to train it."""
+    def lock(self, report=print):
+        """Runs of one prompt in parallel (joblib, SLURM arrays) wait for the first to train it, and
+        say so while they wait."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.folder.parent / f"{self.prompt_key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        path = self.folder.parent / f"{self.prompt_key}.lock"
+        with open(path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                report(f"waiting for another run that is training the same prompt (lock {path})")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                report("the other run finished; reusing its prompt if it saved one")
             try:
                 yield
             finally:

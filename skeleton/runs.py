@@ -7,11 +7,16 @@ and ``error.json`` when it failed. Tables read only summaries, so sweeps can be 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import tempfile
+import time
 import traceback
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,51 @@ from skeleton.summary import COMPLETE, RunSummary
 
 SUMMARY = summary.FILENAME
 ERROR = "error.json"
+LOCK = ".run.lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another process is running in this run folder (a sweep started twice, a resubmitted job)."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold the run folder for this process: a second process that finds it held is refused at once
+    (it skips the run) instead of writing into the same folder."""
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunBusyError(f"{run_dir} is in use by {holder}: skipping it here") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@lru_cache(maxsize=1)
+def unique_suffix() -> str:
+    """A short random suffix for single-run folder names, fixed for the process: two runs started in
+    the same second never share a folder."""
+    return secrets.token_hex(3)
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+    """Keep a superseded summary beside the run (never delete a result) before the run is redone."""
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    kept = path.with_name(f"summary.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{unique_suffix()}.json")
+    os.replace(path, kept)
+    return kept
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

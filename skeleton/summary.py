@@ -99,6 +99,7 @@ class RunSummary:
     search_from: str = "train"
     run_dir: str | None = None
     wall_seconds: float | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)  # config, data, backbone: see fingerprints.py
     skeleton: SkeletonOutcome | None = None
     status: str = COMPLETE
     schema_version: int = SCHEMA_VERSION

@@ -18,6 +18,7 @@ from skeleton import runs
 from skeleton.callback import SkeletonCallback
 from skeleton.configs import register_resolvers
 from skeleton.export import save_skeleton
+from skeleton.fingerprints import differences, run_fingerprints
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import build_loggers, log_summary
 from skeleton.pipeline import SkeletonResult
@@ -61,23 +62,36 @@ def build_callbacks(cfg: DictConfig, run_dir: Path | None = None, has_logger: bo
     return built
 
 
-def train(cfg: DictConfig) -> RunSummary:
-    """One run. Returns the summary it wrote (or the one a finished run had written)."""
-    run_started = time.perf_counter()
+def train(cfg: DictConfig) -> RunSummary | None:
+    """One run. Returns the summary it wrote (or the one a finished run had written), or None when
+    another process holds the run folder."""
     settings = skeleton_config(cfg)  # bad settings fail here, before any data, model or Trainer
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("skip_completed", True) and runs.is_complete(run_dir):
-        print(f"skipping: {run_dir} already holds a complete summary.json")
-        return runs.read_summary(run_dir)
+    try:
+        with runs.run_lock(run_dir):
+            return _train_in(run_dir, cfg, settings)
+    except runs.RunBusyError as busy:
+        print(f"skipping: {busy}")
+        return None
+
+
+def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -> RunSummary:
+    run_started = time.perf_counter()
+    expected = run_fingerprints(cfg)
+    finished = finished_run(run_dir, cfg, expected)
+    if finished is not None:
+        return finished
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     quiet_lightning()
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.module)
-    cache = PromptCache(cfg, cfg.paths.cache_dir) if settings is not None and cfg.get("reuse", True) else None
+    loggers = build_loggers(cfg, run_dir)  # W&B starts (or fails over to offline) before training
+    cache = None
+    if settings is not None and cfg.get("reuse", True):
+        identity = {"data": expected["data"], "backbone_sha256": model.backbone_identity()["sha256"]}
+        cache = PromptCache(cfg, cfg.paths.cache_dir, **identity)
     skeleton = SkeletonCallback(settings, cache) if settings is not None else None
-    loggers = build_loggers(cfg, run_dir)
     callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
     callbacks += [skeleton] if skeleton is not None else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
@@ -107,6 +121,7 @@ def train(cfg: DictConfig) -> RunSummary:
     )
 
     summary = base_summary(cfg, model, run_dir, train_info, Measured(search_scores, dev_scores))
+    summary.fingerprints = expected
     if result is not None:
         summary.skeleton = result.outcome
         summary.dense = result.dense  # measured on the restored best prompt, before pruning
@@ -114,9 +129,28 @@ def train(cfg: DictConfig) -> RunSummary:
             result.outcome.artifact = str(save_artifact(model, result, run_dir / "skeleton"))
     summary.wall_seconds = round(time.perf_counter() - run_started, 1)
     if trainer.is_global_zero:
-        runs.write_summary(run_dir, summary)
+        runs.write_summary(run_dir, summary)  # before any remote logging: a logging failure loses nothing
         log_summary(trainer.loggers, summary, trainer.global_step)
     return summary
+
+
+def finished_run(run_dir: Path, cfg: DictConfig, expected: dict) -> RunSummary | None:
+    """The run's summary when it is complete and was made from the same config, data and backbone;
+    a complete summary made from anything else is set aside (kept) and the run redone."""
+    if not cfg.get("skip_completed", True):
+        return None
+    done = runs.read_summary(run_dir)
+    if done is None or not done.complete:
+        return None
+    changed = differences(done.fingerprints, expected)
+    if not changed:
+        print(f"skipping: {run_dir} already holds a complete summary.json")
+        return done
+    kept = runs.set_aside(run_dir)
+    print(
+        f"rerunning {run_dir}: its summary was made with another {' and '.join(changed)} (kept as {kept.name})"
+    )
+    return None
 
 
 def reuse_prompt(cache: PromptCache, model, datamodule, trainer, skeleton: SkeletonCallback) -> dict:

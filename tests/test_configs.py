@@ -4,6 +4,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -52,8 +53,14 @@ def test_every_model_config_composes(model):
 
 
 @pytest.mark.parametrize("prompt", options("prompt"))
-def test_every_prompt_config_builds_a_model(prompt):
-    cfg = compose_config([f"prompt={prompt}", "prompt.num_tokens=5"])
+def test_every_prompt_config_builds_a_model(prompt, tmp_path):
+    overrides = [f"prompt={prompt}", "prompt.num_tokens=5"]
+    if prompt == "peft":  # needs an adapter folder: a 5-token prompt for the tiny BERT (hidden 32)
+        from skeleton.peft_interop import save_peft_prompt
+
+        save_peft_prompt(torch.randn(5, 32), tmp_path)
+        overrides += [f"prompt.path={tmp_path}"]
+    cfg = compose_config(overrides)
     model = instantiate(cfg.module)
     assert model.prompt.num_tokens == 5
 

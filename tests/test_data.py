@@ -54,8 +54,15 @@ def test_missing_folder_names_paths_and_fix(tmp_path, monkeypatch):
         FileNotFoundError, match=rf"sst2: no local train file SST-2/train.tsv; searched {tmp_path}"
     ):
         find_local(get_task("sst2"), "train", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"data_dir is None and GLUE_DIR is unset.*set GLUE_DIR"):
+    with pytest.raises(
+        FileNotFoundError, match=r"paths.data_dir is null and GLUE_DIR is unset.*set GLUE_DIR"
+    ):
         find_local(get_task("sst2"), "train")
+    with pytest.raises(
+        FileNotFoundError, match=r"paths.data_dir=/path/to/folder-with-glue-and-superglue"
+    ) as e:
+        find_local(get_task("sst2"), "train", tmp_path)
+    assert "data.source=hub" in str(e.value) and "source='hub'" not in str(e.value)
     with pytest.raises(FileNotFoundError, match=r"axb has no 'train' split"):
         find_local(get_task("axb"), "train", FIXTURES)
 
@@ -194,16 +201,16 @@ def test_second_setup_reads_the_cache(make, tmp_path, monkeypatch):
         return real(examples, tokenizer, max_length)
 
     monkeypatch.setattr(data, "tokenize", counting)
-    first = make("rte")
+    first = make("rte", search_size=1)
     first.setup()
     assert calls == [2, 5]
     files = sorted((tmp_path / "cache" / "tokenized").iterdir())
     assert [f.suffix for f in files] == [".safetensors"] * 2
-    second = make("rte")
+    second = make("rte", search_size=1)
     second.setup()
     assert calls == [2, 5]  # no tokenizer call
     assert torch.equal(first.split("train").t["input_ids"], second.split("train").t["input_ids"])
-    make("rte", max_length=16).setup()
+    make("rte", max_length=16, search_size=1).setup()
     assert calls == [2, 5, 2, 5]  # another max_length is another cache entry
 
 
@@ -213,10 +220,10 @@ def test_cache_key_follows_the_source_file(make, tmp_path, monkeypatch):
     monkeypatch.setattr(
         data, "tokenize", lambda ex, tok, n, real=data.tokenize: calls.append(1) or real(ex, tok, n)
     )
-    make("rte", data_dir=tmp_path).setup()
+    make("rte", data_dir=tmp_path, search_size=1).setup()
     with open(tmp_path / "RTE" / "dev.tsv", "a") as f:
         f.write("2\tA dog runs.\tAn animal runs.\tentailment\n")
-    dm = make("rte", data_dir=tmp_path)
+    dm = make("rte", data_dir=tmp_path, search_size=1)
     dm.setup()
     assert len(calls) == 3 and len(dm.split("dev")) == 3
 

@@ -266,7 +266,7 @@ def test_a_cache_entry_that_does_not_fit_is_refused_with_the_fix(tmp_path):
     from skeleton.reuse import PromptCache
 
     cfg = compose_config(["skeleton.psi=100"], run_dir=tmp_path / "run")
-    cache = PromptCache(cfg, tmp_path / "cache")
+    cache = PromptCache(cfg, tmp_path / "cache", data="d", backbone_sha256="b")
     longer = {**cfg.module.prompt, "num_tokens": cfg.module.prompt.num_tokens + 1}
     cache.save_prompt(instantiate(cfg.module, prompt=longer), {"steps": 1})
     with pytest.raises(TrainedStateError, match=rf"{cache.folder}.*shapes differ.*delete it"):

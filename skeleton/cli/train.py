@@ -84,6 +84,8 @@ def run(cfg) -> float | None:
         if not _in_multirun():
             raise
         return None
+    if summary is None:  # another process holds the folder; it was skipped, saying so
+        return None
     print(f"run folder: {run_dir}")
     print(f"summary:    {run_dir / runs.SUMMARY}")
     return summary.score("pruned" if summary.skeleton is not None else "dense")

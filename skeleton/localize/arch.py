@@ -163,7 +163,9 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(backbone: nn.Module) -> Adapter:
-    model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+    config = getattr(backbone, "config", None)
+    # skeleton.hf_modeling's pruned configs name their family: they have a model type of their own
+    model_type = getattr(config, "skeleton_family", None) or getattr(config, "model_type", None)
     if model_type not in _ADAPTERS:
         raise UnsupportedArchitectureError(
             f"no localization adapter for model_type={model_type!r}. Supported: "

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
 from skeleton.tasks.registry import TaskSpec
+
+# Long passages (BoolQ, MultiRC, ReCoRD) exceed csv's 128 KB default; the tokenizer truncates them later.
+# The limit is a C long, so cap at 2**31 - 1 where sys.maxsize would overflow it.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class DataFormatError(ValueError):
@@ -22,9 +27,35 @@ class DataFormatError(ValueError):
 
 
 def read_split(spec: TaskSpec, path: str | Path) -> list[dict]:
-    """All rows of one official file as hub-style dicts."""
+    """All rows of one official file as hub-style dicts. A file that is not UTF-8 or holds no rows fails
+    naming the file: both mean a broken download, and an empty split only crashes much later."""
     path = Path(path)
-    return read_tsv(spec, path) if path.suffix == ".tsv" else read_jsonl(spec, path)
+    try:
+        rows = read_tsv(spec, path) if path.suffix == ".tsv" else read_jsonl(spec, path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    if not rows:
+        raise DataFormatError(
+            f"{path}: no rows for {spec.name} (the file is empty or holds only a header). "
+            f"Fix: download the official file again, or point paths.data_dir at a complete copy."
+        )
+    return rows
+
+
+def not_utf8(path: Path) -> DataFormatError:
+    """The first undecodable line of `path`, found line by line (no UTF-8 character spans a newline)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = line[e.start]
+                return DataFormatError(
+                    f"{path}:{n}: not valid UTF-8 (byte 0x{byte:02x} at column {e.start + 1}); the official "
+                    f"files are UTF-8. Fix: re-encode it as UTF-8, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path} > {path}.utf8` and move {path.name}.utf8 over it."
+                )
+    return DataFormatError(f"{path}: not valid UTF-8. Fix: re-encode it as UTF-8 (e.g. with iconv).")
 
 
 def encode_label(spec: TaskSpec, value, where: str) -> int | float:
