@@ -27,7 +27,7 @@ def register_resolvers() -> None:
 
 
 def groups() -> list[str]:
-    """The config groups (folders of ``conf/``), ``hydra`` excluded."""
+    """The config groups (folders of ``skeleton/conf/``), ``hydra`` excluded."""
     return sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra")
 
 

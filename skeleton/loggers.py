@@ -108,6 +108,8 @@ def _log_all(logger, flat: dict, run: RunSummary, step: int) -> None:
     if isinstance(logger, WandbLogger):
         log_to_wandb(logger.experiment, run)
     logger.finalize("success")
+    if isinstance(logger, WandbLogger):  # else the next run in this process (a sweep's) logs into this one
+        logger.experiment.finish()
 
 
 MODES = ("auto", "online", "offline", "disabled")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from skeleton.data import TokenizedSplit, collator_for, tokenize
 from skeleton.evaluate import to_device
 from skeleton.export import tokenizer_for
-from skeleton.tasks import DataFormatError, read_split
+from skeleton.tasks import DataFormatError, encode_label, read_split
 
 STDIN = "-"
 # Fields a prediction row may leave out: the gold label, MultiRC's ids, ReCoRD's answers and spans.
@@ -56,8 +56,12 @@ def as_row(spec, item, position: int = 0) -> dict:
     if missing:
         raise DataFormatError(f"input {position}: missing field(s) {missing} for {spec.name}")
     defaults = {"idx": {"paragraph": position, "question": position, "answer": 0}, "answers": []}
-    unlabelled = {"label": -1 if spec.labels else -1.0}
-    return {**unlabelled, **{k: v for k, v in defaults.items() if k in spec.fields}, **item}
+    row = {k: v for k, v in defaults.items() if k in spec.fields} | item
+    unlabelled = row.get("label") in (None, -1)
+    row["label"] = (
+        (-1 if spec.labels else -1.0) if unlabelled else encode_label(spec, row["label"], f"input {position}")
+    )
+    return row
 
 
 def as_rows(spec, inputs) -> list[dict]:
@@ -80,17 +84,18 @@ def read_inputs(spec, path: str | Path) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"input file {path} does not exist")
         official = ".tsv" if spec.benchmark == "glue" else ".jsonl"
-        if path.suffix == official and not _field_rows(spec, path):
+        if path.suffix == official and not (spec.flatten is not None and _field_rows(spec, path)):
             rows = read_split(spec, path)
         else:
             rows = parse_text(spec, path.read_text(encoding="utf-8-sig"), str(path))
     if not rows:
-        raise DataFormatError(f"{path}: no inputs (the file is empty)")
+        raise DataFormatError(f"{'stdin' if str(path) == STDIN else path}: no inputs to predict")
     return rows
 
 
 def _field_rows(spec, path: Path) -> bool:
-    """Whether a ``.jsonl`` file holds flat rows with the task's input fields (not nested official records)."""
+    """Whether a ``.jsonl`` file holds flat rows with the task's input fields, not the nested official
+    records of MultiRC, ReCoRD or WSC (the other official files are flat rows already)."""
     if path.suffix != ".jsonl":
         return False
     with open(path, encoding="utf-8") as f:

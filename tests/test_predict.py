@@ -141,3 +141,28 @@ def test_cli_refuses_a_wrong_field_count_with_the_fields(artifacts, tmp_path, ca
     text.write_text("just one sentence\n")
     assert predict_main([artifacts["rte"], "--input", str(text), "--output", str(tmp_path / "p.jsonl")]) == 2
     assert "sentence1, sentence2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["boolq", "cb", "multirc", "wsc"])
+def test_official_superglue_files_keep_their_encoded_labels(task):
+    """Flat official files (BoolQ's JSON bools, CB's label names) and nested ones (MultiRC, WSC) read
+    as the training data does, so their metrics can be computed."""
+    model = _model(task)
+    records, metrics, _ = predict_file(model, _file(task), max_length=MAX_LENGTH)
+    assert len(records) == len(read_split(model.task, _file(task))) and metrics is not None
+
+
+def test_jsonl_rows_with_field_names_and_label_names_get_metrics(artifacts, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"sentence": "fine", "label": "positive"}\n{"sentence": "awful", "label": "negative"}\n')
+    assert predict_main([artifacts["sst2"], "--input", str(rows), "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_multirc_rows_with_field_names_are_not_taken_for_official_records(tmp_path):
+    model = _model("multirc")
+    rows = tmp_path / "rows.jsonl"
+    row = {"paragraph": "Sent 1: The sky is blue.", "question": "What colour is it?", "answer": "Blue"}
+    rows.write_text(json.dumps(row) + "\n")
+    records, metrics, _ = predict_file(model, rows, max_length=MAX_LENGTH)
+    assert records[0]["prediction"] in ("False", "True") and metrics is None

@@ -109,3 +109,14 @@ def test_the_rich_bar_counts_the_steps_a_run_will_take(max_steps, done, shown):
         accumulate_grad_batches=1,
     )
     assert bar.total_train_batches == shown
+
+
+def test_two_runs_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):
+    """A sweep's jobs run in one process (Hydra's basic launcher): each must log into its own W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("first", "second"):
+        train(compose_config(["logger=wandb", "skeleton=off"], run_dir=tmp_path / name))
+    assert [len(list((tmp_path / name).glob("wandb/offline-run-*"))) for name in ("first", "second")] == [
+        1,
+        1,
+    ]

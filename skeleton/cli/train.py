@@ -81,6 +81,7 @@ def run(cfg) -> float | None:
     except Exception as error:
         path = runs.record_failure(run_dir, error)
         print(f"run failed; the error is recorded in {path}")
+        _finish_wandb()
         if not _in_multirun():
             raise
         return None
@@ -89,6 +90,13 @@ def run(cfg) -> float | None:
     print(f"run folder: {run_dir}")
     print(f"summary:    {run_dir / runs.SUMMARY}")
     return summary.score("pruned" if summary.skeleton is not None else "dense")
+
+
+def _finish_wandb() -> None:
+    """End a failed run's W&B run: the sweep's next job would otherwise log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1, quiet=True)
 
 
 def _in_multirun() -> bool:
