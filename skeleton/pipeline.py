@@ -42,6 +42,14 @@ from skeleton.localize.config import SkeletonConfig, rounds_of
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
 
 Report = Callable[[str], None]
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+DEGENERATE = (
+    "the dense prompt-tuned model gives every search example the same answer: it has not learned the "
+    "task, so any pruning rate keeps its score and the chosen rate means nothing. Train longer "
+    "(trainer.max_steps) or raise prompt.lr / module.head_lr."
+)
+FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
 
 
 class Eta:
@@ -54,16 +62,6 @@ class Eta:
         self.done += 1
         left = max(self.total - self.done, 0) * (time.perf_counter() - self.started) / self.done
         return f"{self.done}/{self.total}, eta {left:.0f}s"
-
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-DEGENERATE = (
-    "the dense prompt-tuned model gives every search example the same answer: it has not learned the "
-    "task, so any pruning rate keeps its score and the chosen rate means nothing. Train longer "
-    "(trainer.max_steps) or raise prompt.lr / module.head_lr."
-)
-FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
 
 
 @dataclass
