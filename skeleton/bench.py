@@ -8,6 +8,7 @@ and speedups read as ratios within one run, next to the FLOP-based ideal speedup
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -96,7 +97,8 @@ def first_examples(batch: dict, n: int) -> dict:
 
 def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) -> dict:
     """Dense vs pruned on one real batch of ``loader`` (sorted by length: the middle batch is typical),
-    interleaved, medians. ``model`` is the pruned model; its prompt and head run on both backbones."""
+    interleaved, medians. ``model`` is the pruned model; its prompt and head run on both backbones.
+    Also says whether the timing can be trusted: the spread of the repeats and the machine's load."""
     batches = list(loader)
     if not batches:
         raise ValueError("cannot time the models: the dev split is empty")
@@ -106,6 +108,8 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
         {"dense": model.on_backbone(dense_backbone), "pruned": model}, batch, repeats=bench.repeats
     )
     dense_ms, pruned_ms = timings["dense"]["median_ms"], timings["pruned"]["median_ms"]
+    spread = max(t["p90_ms"] / max(t["median_ms"], 1e-9) for t in timings.values())
+    load = machine_load()
     return {
         "batch_size": int(batch["input_ids"].shape[0]),
         "seq_len": int(batch["input_ids"].shape[1]),
@@ -113,7 +117,22 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
         "pruned_ms": pruned_ms,
         "speedup": dense_ms / max(pruned_ms, 1e-9),
         "device": str(_device_of(model)),
+        "spread": round(spread, 3),
+        "load": None if load is None else round(load, 2),
+        "reliable": spread <= MAX_SPREAD and (load is None or load <= MAX_LOAD),
     }
+
+
+MAX_SPREAD = 1.5  # p90 / median of the repeats above this: other work interfered with the timing
+MAX_LOAD = 1.0  # runnable processes per core (1-minute load average) above this: the CPU was shared
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average per core, or None where the OS does not report one."""
+    try:
+        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
+    except OSError:
+        return None
 
 
 def synthetic_batch(

@@ -64,7 +64,7 @@ def start_wandb(node: dict, timeout: float, run_dir: Path, report=print):
         logger.experiment  # noqa: B018  (wandb.init happens here)
         return logger
     except Exception as err:
-        wandb.finish(exit_code=1, quiet=True)
+        wandb.finish(exit_code=1)
         report(
             f"WARNING: W&B could not start online within {timeout:.0f}s ({type(err).__name__}: {err}); "
             f"logging offline into {run_dir / 'wandb'}. Upload it later with: wandb sync {run_dir}/wandb/offline-run-*"

@@ -124,6 +124,12 @@ def run_skeleton(
     pruned = measure(model, data)
     latency = measure_speedup(model, dense_backbone, data.dev_dataloader(), cfg.benchmark)
     del dense_backbone
+    if not latency["reliable"]:
+        warnings.append(
+            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine (load {latency['load']} per core, "
+            f"p90/median {latency['spread']}): rerun skeleton-bench on the artifact on an idle machine"
+        )
+        report(f"WARNING: {warnings[-1]}")
     after = shape_report(model.backbone)
     report(
         f"pruned {headline}: search {pruned.search[headline]:.4f}, dev {pruned.dev[headline]:.4f}; FFN kept "

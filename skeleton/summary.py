@@ -61,6 +61,9 @@ class Latency:
     pruned_ms: float
     speedup: float
     device: str
+    spread: float = 0.0  # p90 / median of the repeats (the noisier model)
+    load: float | None = None  # 1-minute load average per core while timing
+    reliable: bool = True  # False: the machine was busy; rerun skeleton-bench on an idle one
 
 
 @dataclass

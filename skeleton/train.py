@@ -85,6 +85,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
 
     quiet_lightning()
     datamodule = instantiate(cfg.data)
+    datamodule.validate()  # every split the run needs is there and non-empty, before any training
     model = instantiate(cfg.module)
     loggers = build_loggers(cfg, run_dir)  # W&B starts (or fails over to offline) before training
     cache = None

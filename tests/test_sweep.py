@@ -14,22 +14,21 @@ from tests.helpers import TINY
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_sweep(output_root: Path) -> str:
+def run_sweep(output_root: Path, *grid: str, expect: int = 0, name: str = "tiny") -> str:
     command = [
         sys.executable,
         "-m",
         "skeleton.cli.train",
         "-m",
-        "task=sst2,rte",
-        "skeleton.psi=1,100",
-        "sweep_name=tiny",
+        *(grid or ("task=sst2,rte", "skeleton.psi=1,100")),
+        f"sweep_name={name}",
         f"paths.output_root={output_root}",
         f"paths.cache_dir={output_root / 'cache'}",
         *TINY,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
@@ -84,8 +83,18 @@ def test_rerun_redoes_only_the_run_without_summary(sweep):
     (sweep_dir / victim / "summary.json").unlink()
     log = run_sweep(sweep_dir.parent.parent)
     assert log.count("skipping:") == 3
+    assert f"sweep {sweep_dir}: 1 completed, 3 skipped, 0 failed" in log
     after = summaries(sweep_dir)
     assert sorted(after) == sorted(before)
     for name in before:
         if name != victim:
             assert after[name] == before[name]
+
+
+def test_a_sweep_with_a_failed_run_says_so_and_exits_nonzero(tmp_path):
+    log = run_sweep(
+        tmp_path, "task=sst2", "skeleton.attribution.criterion=attribution,foo", expect=1, name="bad"
+    )
+    sweep_dir = tmp_path / "multirun" / "bad"
+    assert f"sweep {sweep_dir}: 1 completed, 0 skipped, 1 failed" in log
+    assert "failed: " in log and "criterion=foo" in log
