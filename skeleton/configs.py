@@ -24,6 +24,13 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("skeleton_fixtures", lambda: FIXTURES_DIR, replace=True)
     OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
     OmegaConf.register_new_resolver("unique_suffix", runs.unique_suffix, replace=True)
+    OmegaConf.register_new_resolver("backbone_name", _backbone_name, replace=True)
+
+
+def _backbone_name(name_or_path: str) -> str:
+    from skeleton.backbones import name_of  # torch and transformers: only once a config resolves it
+
+    return name_of(name_or_path)
 
 
 def groups() -> list[str]:

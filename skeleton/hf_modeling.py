@@ -39,6 +39,7 @@ class Family:
     head_attrs: tuple[str, ...] = ()  # attributes set to the new head count
     size_attrs: tuple[str, ...] = ()  # attributes set to heads x head_dim
     fused_qkv: bool = False  # GPT-2's c_attn is [q | k | v] in one projection
+    kv_out: tuple[str, ...] = ()  # key/value projections: kv heads x head_dim (grouped-query attention)
 
 
 _BERT_LIKE = dict(
@@ -58,7 +59,8 @@ _LLAMA_LIKE = dict(
     layers="layers",
     ffn_out=("mlp.up_proj", "mlp.gate_proj"),
     ffn_in="mlp.down_proj",
-    head_out=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    head_out=("self_attn.q_proj",),
+    kv_out=("self_attn.k_proj", "self_attn.v_proj"),
     head_in="self_attn.o_proj",
     attn="self_attn",
 )
@@ -131,6 +133,26 @@ def shrink(m: nn.Module, out: int | None = None, inp: int | None = None) -> None
         m.out_features, m.in_features = o, i
 
 
+class _NoHeads:
+    """Forward of an attention block pruned to zero heads, which the family's own forward cannot run (it
+    reshapes with -1 heads): only its output projection's bias remains, as masking all heads gives."""
+
+    _skeleton_out = ""  # the output projection, relative to the block ("" = it lies outside the block)
+
+    def forward(self, *args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        empty = x[..., :0]
+        return (self.get_submodule(self._skeleton_out)(empty) if self._skeleton_out else empty), None
+
+
+def _skip_attention(attn: nn.Module, fam: Family) -> None:
+    cls = type(attn)
+    if not issubclass(cls, _NoHeads):
+        attn.__class__ = type(f"NoHeads{cls.__name__}", (_NoHeads, cls), {"__module__": __name__})
+    prefix = fam.attn + "."
+    attn._skeleton_out = fam.head_in[len(prefix) :] if fam.head_in.startswith(prefix) else ""
+
+
 def _get(root: nn.Module, path: str) -> nn.Module | None:
     for name in path.split("."):
         root = getattr(root, name, None)
@@ -146,19 +168,24 @@ def _shrink_ffn(layer: nn.Module, fam: Family, width: int) -> None:
     shrink(_get(layer, fam.ffn_in), inp=width)
 
 
-def _shrink_heads(layer: nn.Module, fam: Family, heads: int, dense_heads: int) -> None:
+def _shrink_heads(layer: nn.Module, fam: Family, heads: int, dense_heads: int, group: int = 1) -> None:
     out = _get(layer, fam.head_in)
     head_dim = _dims(out)[1] // dense_heads
     size = heads * head_dim
     for path in fam.head_out:
         if (m := _get(layer, path)) is not None:
             shrink(m, out=3 * size if fam.fused_qkv else size)
+    for path in fam.kv_out:  # pruning keeps whole groups: heads // group key/value heads remain
+        if (m := _get(layer, path)) is not None:
+            shrink(m, out=heads // group * head_dim)
     shrink(out, inp=size)
     attn = _get(layer, fam.attn)
     for name in fam.head_attrs:
         setattr(attn, name, heads)
     for name in fam.size_attrs:
         setattr(attn, name, size)
+    if heads == 0:
+        _skip_attention(attn, fam)
 
 
 @torch.no_grad()
@@ -174,7 +201,10 @@ def shrink_to_config(model: nn.Module, fam: Family) -> None:
         if width is not None and width < _dims(_get(layer, fam.ffn_in))[1]:
             _shrink_ffn(layer, fam, width)
         if n is not None and n < cfg.num_attention_heads:
-            _shrink_heads(layer, fam, n, cfg.num_attention_heads)
+            group = cfg.num_attention_heads // (
+                getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            )
+            _shrink_heads(layer, fam, n, cfg.num_attention_heads, group)
 
 
 # ---- the classes ------------------------------------------------------------------------------------

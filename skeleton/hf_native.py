@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from skeleton import hf_modeling
 from skeleton.hf_modeling import CODE_FILE, FAMILIES, PREFIX
-from skeleton.localize import ffn_widths, heads_per_layer
+from skeleton.localize import ffn_widths, heads_per_layer, layer_parts
+from skeleton.localize.skip import refresh_skips
 
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DROP = ("model_type", "architectures", "auto_map", "transformers_version")
@@ -103,6 +104,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     wrong = {k: v for k, v in info.items() if k != "error_msgs" and v}
     if wrong or info.get("error_msgs"):
         raise ValueError(f"{path}: the pruned weights do not fit the config's shapes: {wrong or info}")
+    refresh_skips(layer_parts(model))  # layers left with no heads skip their attention, as when pruned
     return model.eval()
 
 

@@ -7,7 +7,11 @@ import logging
 import sys
 import time
 
+import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+log = logging.getLogger(__name__)
+WARNING = "WARNING: "  # the pipeline's prefix for a warning line: logged at WARNING level
 
 
 class LineProgress(ProgressBar):
@@ -62,6 +66,35 @@ def steps_left(trainer) -> int | float:
 def progress_bar(every: int = 50) -> ProgressBar:
     """A Rich bar in a terminal, plain lines otherwise (a Rich bar prints nothing into a log file)."""
     return StepsRichProgressBar() if sys.stdout.isatty() else LineProgress(every)
+
+
+def reporter(trainer: L.Trainer | None):
+    """Progress lines on rank 0: logged (Hydra's job log sends them to the console and train.log), and
+    printed as well only where no logging handler reaches the console (notebooks, plain scripts)."""
+    echo = not _logs_reach_console(log)
+
+    def report(message: str) -> None:
+        if trainer is None or trainer.is_global_zero:
+            if echo:
+                print(f"[skeleton] {message}", flush=True)
+            if message.startswith(WARNING):
+                log.warning(message[len(WARNING) :])
+            else:
+                log.info(message)
+
+    return report
+
+
+def _logs_reach_console(logger: logging.Logger) -> bool:
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    node: logging.Logger | None = logger
+    while node is not None:
+        for handler in node.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                return True
+        node = node.parent if node.propagate else None
+    return False
 
 
 class _NoTips(logging.Filter):

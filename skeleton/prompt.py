@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from skeleton.backbones import freeze, load_backbone, load_tokenizer, set_dropout, weights_hash
 from skeleton.heads import TaskHead, task_loss
+from skeleton.localize.arch import adopt_adapter
 from skeleton.tasks import get_task
 
 POOLINGS = ("mean", "first", "last", "prompt")
@@ -120,9 +121,13 @@ class PromptTunedModel(L.LightningModule):
         scheduler: str = "linear",
         seed: int = 0,
         backbone_module: nn.Module | None = None,
+        adapter: str | None = None,
     ):
         """``backbone`` names the weights (hub name, folder, ``demo``, ``tiny:<family>``); pass an
-        already built ``backbone_module`` (e.g. a pruned export) to skip loading by name."""
+        already built ``backbone_module`` (e.g. a pruned export) to skip loading by name. ``adapter``
+        names the localization adapter (``package.module:function``, ``registered`` or ``inferred``;
+        None = registered, else inferred); ``hparams.adapter`` records the one used, so artifacts
+        rebuild with it."""
         super().__init__()
         prompt_cfg = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
         self.save_hyperparameters(ignore=["prompt", "backbone_module"])
@@ -133,6 +138,7 @@ class PromptTunedModel(L.LightningModule):
         self.prompt_cfg = prompt_cfg
         self.backbone_name = backbone
         self.backbone = backbone_module if backbone_module is not None else load_backbone(backbone, seed=seed)
+        self.hparams["adapter"] = adopt_adapter(self.backbone, adapter)
         freeze(self.backbone)
         set_dropout(self.backbone, backbone_dropout)
         self.backbone_dropout = backbone_dropout

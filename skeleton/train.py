@@ -19,6 +19,7 @@ from skeleton.callback import SkeletonCallback
 from skeleton.configs import register_resolvers
 from skeleton.export import save_skeleton
 from skeleton.fingerprints import differences, run_fingerprints
+from skeleton.localize import check_adapter
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import build_loggers, log_summary
 from skeleton.pipeline import SkeletonResult
@@ -87,6 +88,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
     datamodule = instantiate(cfg.data)
     datamodule.validate()  # every split the run needs is there and non-empty, before any training
     model = instantiate(cfg.module)
+    if settings is not None:  # the adapter finds, masks and slices this family correctly: seconds, not hours
+        check_adapter(model.backbone, require_heads=settings.pruning.head_rate > 0)
     loggers = build_loggers(cfg, run_dir)  # W&B starts (or fails over to offline) before training
     cache = None
     if settings is not None and cfg.get("reuse", True):

@@ -44,7 +44,7 @@ def test_layer_parts_shapes(family):
     assert ffn_widths(backbone) == [FFN] * LAYERS and heads_per_layer(backbone) == [HEADS] * LAYERS
     for p in parts:
         assert arch_mod.out_features(p.up) == FFN and arch_mod.in_features(p.down) == FFN
-        assert arch_mod.out_features(p.down) == HIDDEN and p.act_point is p.down
+        assert arch_mod.out_features(p.down) == HIDDEN
         assert (p.gate is not None) == (family in GATED)
         assert p.attn.head_dim == HIDDEN // HEADS and p.attn.num_heads == HEADS
         assert p.attn.num_kv_heads == (2 if family in GQA else (HEADS if family in GATED else None))
@@ -92,10 +92,12 @@ def test_unknown_architecture_lists_supported():
 def test_register_adapter_for_new_family():
     backbone, batch = tiny_backbone("bert"), make_batch()
     backbone.config.model_type = "my-bert"
-    with pytest.raises(UnsupportedArchitectureError):
-        get_adapter(backbone)
+    inferred = get_adapter(backbone)  # nothing registered: inferred from the structure, same modules
+    assert arch_mod.adapter_name(backbone) == "inferred"
+    assert [p.down for p in layer_parts(backbone)] == [layer.output.dense for layer in backbone.encoder.layer]
     register_adapter("my-bert", Adapter("encoder.layer", arch_mod._bert_parts))
     try:
+        assert get_adapter(backbone) is not inferred and arch_mod.adapter_name(backbone) == "registered"
         with pytest.raises(ValueError, match="already registered"):
             register_adapter("my-bert", Adapter("encoder.layer", arch_mod._bert_parts))
         assert ffn_widths(backbone) == [FFN] * LAYERS

@@ -145,3 +145,18 @@ def test_unknown_config_choice_lists_the_known_ones(override, listed):
 def test_unknown_task_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="sst2"):
         get_task("sst-3")
+
+
+def test_a_local_backbone_is_named_by_what_it_is(tmp_path):
+    """Two different local backbones never share a run name (and so a table row)."""
+    import json
+
+    names = []
+    for recorded in ("bert-base-uncased", "/home/me/models/roberta-large"):
+        folder = tmp_path / recorded.strip("/").replace("/", "_") / "model"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": recorded}))
+        names.append(compose_config(["model=local", f"model.backbone={folder}"], tiny=False).model.name)
+    assert names == ["bert-base-uncased", "roberta-large"]
+    given = compose_config(["model=local", f"model.backbone={tmp_path}", "model.name=mine"], tiny=False)
+    assert given.model.name == "mine"

@@ -21,6 +21,7 @@ from tests.tiny_models import GQA, make_batch, one_thread, tiny_backbone  # noqa
 FAMILIES = supported_model_types()
 KEEP_FFN = [torch.arange(0, 64, 3), torch.tensor([], dtype=torch.long)]  # layer 1 loses its whole FFN
 KEEP_HEADS = [torch.tensor([0, 2]), torch.tensor([1, 2, 3])]
+KEEP_GROUPS = [torch.tensor([2, 3]), torch.tensor([0, 1])]  # whole key/value groups (2 heads each)
 
 
 def _pruned_model(family: str) -> PromptTunedModel:
@@ -28,8 +29,7 @@ def _pruned_model(family: str) -> PromptTunedModel:
         backbone="tiny:bert", task="sst2", prompt={"num_tokens": 3}, backbone_module=tiny_backbone(family)
     )
     prune_ffn(model.backbone, KEEP_FFN)
-    if family not in GQA:  # head pruning refuses grouped-query attention
-        prune_heads(model.backbone, KEEP_HEADS)
+    prune_heads(model.backbone, KEEP_GROUPS if family in GQA else KEEP_HEADS)
     return model.eval()
 
 
@@ -131,3 +131,18 @@ def test_remote_code_loads_every_family_without_skeleton(exports, tmp_path):
     for family, (model, path) in exports.items():
         remote = load_file(path / "remote.safetensors")["hidden"]
         assert torch.equal(remote, _hidden(model.backbone, batch)), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_layer_without_heads_loads_natively_and_computes_its_bias_path(family, tmp_path):
+    model = PromptTunedModel(
+        backbone="tiny:bert", task="sst2", prompt={"num_tokens": 3}, backbone_module=tiny_backbone(family)
+    ).eval()
+    none = torch.tensor([], dtype=torch.long)
+    prune_ffn(model.backbone, [none, torch.arange(0, 64, 2)])
+    prune_heads(model.backbone, [none, KEEP_GROUPS[1] if family in GQA else KEEP_HEADS[1]])
+    path = export_pruned(model, tmp_path / family)
+    batch = make_batch(rows=3, length=7, num_labels=2)
+    want = _hidden(model.backbone, batch)
+    assert torch.equal(_hidden(AutoModel.from_pretrained(path).eval(), batch), want)
+    assert torch.equal(_hidden(load_pruned(path).backbone, batch), want)

@@ -153,7 +153,7 @@ def test_prune_preserves_dtype_and_requires_grad():
     assert up.out_features == down.in_features == 32
 
 
-HEAD_FAMILIES = [f for f in FAMILIES if f not in GQA]
+HEAD_FAMILIES = [f for f in FAMILIES if f not in GQA]  # GQA: tests/test_gqa.py
 
 
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
@@ -188,18 +188,37 @@ def test_head_pruning_parameter_count():
     assert count_parameters(dense)["attention"] == before - 3 * (3 * dh * (HIDDEN + 1) + dh * HIDDEN)
 
 
-@pytest.mark.parametrize("family", sorted(GQA))
-def test_head_pruning_gqa_not_implemented(family):
-    dense = tiny_backbone(family)
-    with pytest.raises(NotImplementedError, match="grouped-query"):
-        prune_heads(dense, [torch.tensor([0, 1]), None])
-    prune_heads(dense, [None, None])  # keeping everything is fine
+def _empty_keeps(family):
+    """Layer 0 loses every head and neuron (a dropped layer); layer 1 keeps half its heads and neurons."""
+    none = torch.zeros(0, dtype=torch.long)
+    half_heads = torch.tensor([2, 3]) if family in GQA else torch.tensor([1, 3])  # whole groups under GQA
+    return [none, torch.arange(0, FFN, 2)], [none, half_heads]
 
 
-def test_prune_heads_needs_one_head():
-    dense = tiny_backbone("bert")
-    with pytest.raises(ValueError, match="at least one"):
-        prune_heads(dense, [torch.zeros(0, dtype=torch.long), None])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_emptied_sublayers_are_skipped_and_equal_masking(family):
+    dense, batch = tiny_backbone(family), make_batch()
+    ffn_keep, head_keep = _empty_keeps(family)
+    for ffn, heads in (([None, None], head_keep), (ffn_keep, [None, None]), (ffn_keep, head_keep)):
+        with masked(dense, ffn, heads):
+            want = _forward(dense, batch)
+        pruned = copy.deepcopy(dense)
+        prune_ffn(pruned, ffn)
+        prune_heads(pruned, heads)
+        torch.testing.assert_close(_forward(pruned, batch), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_forward(pruned, batch), want, atol=1e-5, rtol=1e-5)  # after the bypass
+
+    parts = layer_parts(pruned)
+    assert parts[0].ffn_width == 0 and parts[0].attn.num_heads == 0
+    assert type(parts[0].attn.module).__name__.startswith("EmptyAttention")
+    assert type(parts[0].layer).__name__.startswith("BypassLayer")
+    # pre-norm layers without output biases compute the identity once emptied: they are bypassed
+    assert parts[0].layer._skeleton_identity == (family in GATED)
+
+    fresh = tiny_backbone(family, seed=5)
+    resize_to_widths(fresh, pruned.config.skeleton_ffn_widths, pruned.config.skeleton_heads_per_layer)
+    fresh.load_state_dict(pruned.state_dict())
+    assert torch.equal(_forward(fresh, batch), _forward(pruned, batch))
 
 
 # ---------------------------------------------------------------------------------------------------------

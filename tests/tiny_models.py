@@ -10,19 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    AutoModel,
-    BertConfig,
-    DebertaV2Config,
-    DistilBertConfig,
-    ElectraConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    RobertaConfig,
-    XLMRobertaConfig,
-)
+from transformers import AutoModel
+
+from skeleton.backbones import tiny_config as backbone_tiny_config
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAXPOS = 32, 2, 4, 64, 100, 64
 STD = 0.3
@@ -52,76 +42,34 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _bert_like(cls, **kw):
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=MAXPOS,
-        initializer_range=STD,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        **kw,
-    )
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "electra", "deberta-v2"}
 
 
-def _llama_like(cls, kv_heads: int):
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=MAXPOS,
-        initializer_range=STD,
-    )
+def test_overrides(family: str) -> dict:
+    """What the unit tests change in the package's tiny configs: a small vocabulary and position table,
+    large weights (see the module docstring), dropout on so that eval mode is checked, and for LLaMA one
+    key/value head per query head (Qwen2 and Mistral keep their groups)."""
+    positions = "n_positions" if family == "gpt2" else "max_position_embeddings"
+    extra: dict = {positions: MAXPOS, "initializer_range": STD}
+    if family in BERT_LIKE:
+        extra.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, type_vocab_size=2)
+    if family == "roberta" or family == "xlm-roberta":
+        extra["pad_token_id"] = 1
+    if family == "electra":
+        extra["embedding_size"] = HIDDEN
+    if family == "deberta-v2":
+        extra.update(
+            relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, type_vocab_size=0
+        )
+    if family == "gpt2":
+        extra.update(bos_token_id=0, eos_token_id=0)
+    if family == "llama":
+        extra["num_key_value_heads"] = HEADS
+    return extra
 
 
 def tiny_config(family: str):
-    if family == "bert":
-        return _bert_like(BertConfig)
-    if family == "roberta":
-        return _bert_like(RobertaConfig, pad_token_id=1)
-    if family == "xlm-roberta":
-        return _bert_like(XLMRobertaConfig, pad_token_id=1)
-    if family == "electra":
-        return _bert_like(ElectraConfig, embedding_size=HIDDEN)
-    if family == "deberta-v2":
-        return _bert_like(
-            DebertaV2Config, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16
-        )
-    if family == "distilbert":
-        return DistilBertConfig(
-            vocab_size=VOCAB,
-            dim=HIDDEN,
-            n_layers=LAYERS,
-            n_heads=HEADS,
-            hidden_dim=FFN,
-            max_position_embeddings=MAXPOS,
-            initializer_range=STD,
-        )
-    if family == "gpt2":
-        return GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_layer=LAYERS,
-            n_head=HEADS,
-            n_inner=FFN,
-            n_positions=MAXPOS,
-            initializer_range=STD,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    if family == "llama":
-        return _llama_like(LlamaConfig, kv_heads=HEADS)
-    if family == "qwen2":
-        return _llama_like(Qwen2Config, kv_heads=2)
-    if family == "mistral":
-        return _llama_like(MistralConfig, kv_heads=2)
-    raise KeyError(family)
+    return backbone_tiny_config(family, VOCAB, **test_overrides(family))
 
 
 def tiny_backbone(family: str, seed: int = 0) -> nn.Module:

@@ -11,6 +11,7 @@ import torch
 
 from skeleton.bench import benchmark, default_devices, load_pair, parameter_summary
 from skeleton.export import ArtifactError, BackboneMismatchError, resolve_artifact
+from skeleton.localize import UnsupportedArchitectureError, check_adapter
 
 
 def _ints(text: str) -> list[int]:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_artifact(args.artifact)
         dense, pruned = load_pair(path, args.backbone)
-    except (ArtifactError, BackboneMismatchError, FileNotFoundError) as err:
+        check_adapter(dense.backbone, heads=False)  # the family's layers are found as the artifact expects
+    except (ArtifactError, BackboneMismatchError, FileNotFoundError, UnsupportedArchitectureError) as err:
         print(f"skeleton-bench: error: {err}", file=sys.stderr)
         return 2
     rows = benchmark(dense, pruned, args.batch_sizes, args.seq_lens, devices, args.repeats, args.warmup)

@@ -1,6 +1,7 @@
 """Find a task's neurons in a frozen transformer and prune the rest (no Lightning inside: usable anywhere).
 
 score_neurons (or score_iteratively) -> Scores -> select_neurons(rate) -> masked(...) for the rate search -> prune_ffn in place.
+check_adapter(backbone) first: it resolves the adapter (registered, named, or inferred) and proves it in seconds.
 """
 
 from .arch import (
@@ -8,6 +9,8 @@ from .arch import (
     AttentionParts,
     LayerParts,
     UnsupportedArchitectureError,
+    adapter_name,
+    adopt_adapter,
     count_parameters,
     ffn_widths,
     get_adapter,
@@ -15,6 +18,7 @@ from .arch import (
     heads_per_layer,
     layer_parts,
     register_adapter,
+    resolve_adapter,
     supported_model_types,
 )
 from .attribution import (
@@ -29,8 +33,9 @@ from .attribution import (
     score_neurons,
     task_target,
 )
+from .infer import AdapterCheckError, check_adapter, infer_adapter
 from .iterative import rounds_of, score_iteratively
-from .masks import NeuronMask, apply_ffn_mask, apply_head_mask, as_keep_mask, masked
+from .masks import NeuronMask, as_keep_mask, masked
 from .prune import backbone_flops, prune_ffn, prune_heads, resize_to_widths, select_heads, select_neurons
 from .search import SearchResult, masked_evaluator, search_pruning_rate
 
@@ -40,6 +45,7 @@ __all__ = [
     "TARGETS",
     "TOKEN_AGGS",
     "Adapter",
+    "AdapterCheckError",
     "AttentionParts",
     "LayerParts",
     "NeuronMask",
@@ -47,15 +53,17 @@ __all__ = [
     "Scores",
     "SearchResult",
     "UnsupportedArchitectureError",
-    "apply_ffn_mask",
-    "apply_head_mask",
+    "adapter_name",
+    "adopt_adapter",
     "as_keep_mask",
     "backbone_flops",
+    "check_adapter",
     "count_parameters",
     "ffn_widths",
     "get_adapter",
     "get_layers",
     "heads_per_layer",
+    "infer_adapter",
     "layer_parts",
     "magnitude_scores",
     "masked",
@@ -65,6 +73,7 @@ __all__ = [
     "random_scores",
     "register_adapter",
     "resize_to_widths",
+    "resolve_adapter",
     "rounds_of",
     "score_iteratively",
     "score_neurons",

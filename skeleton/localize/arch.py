@@ -12,10 +12,15 @@ gate product in gated MLPs): that is the point we score, mask and slice. An atte
 
 transformers has two linear layouts: `nn.Linear` (weight (out, in)) and GPT-2's `Conv1D` (weight (in, out)).
 `in_features`, `out_features`, `slice_out` and `slice_in` hide the difference.
+
+Which adapter a backbone gets (`get_adapter`): the one named by `config.skeleton_adapter` when set (a user
+`package.module:function`, "registered" or "inferred"; see `resolve_adapter`), else the registered one for
+its model_type, else one inferred from its module structure (`skeleton.localize.infer`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +30,20 @@ from transformers.pytorch_utils import Conv1D
 
 
 class UnsupportedArchitectureError(ValueError):
-    """The backbone's `config.model_type` has no registered adapter."""
+    """No adapter for the backbone: none registered, none named, and its structure could not be inferred."""
+
+
+def check_per_layer(values, n: int, what: str) -> None:
+    """Per-layer settings (kept indices, widths, head counts) must have one entry per layer."""
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries but the backbone has {n} layers")
+
+
+ADAPTER_FIX = (
+    "name an adapter in the config: model.adapter=package.module:function, where function() returns a "
+    "skeleton.localize.Adapter(layers='path.to.ModuleList', parts=fn) (fn(layer) -> LayerParts) or "
+    "registers one with skeleton.localize.register_adapter(model_type, adapter)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,6 +131,14 @@ class AttentionParts:
         """Current number of heads, read from the output projection so it reflects pruning."""
         return in_features(self.out) // self.head_dim
 
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention). Pruning keeps it fixed:
+        a key/value head goes with all the query heads of its group."""
+        if self.num_kv_heads is None or self.num_kv_heads == 0:
+            return 1
+        return max(1, self.num_heads // self.num_kv_heads)
+
 
 @dataclass
 class LayerParts:
@@ -122,11 +148,7 @@ class LayerParts:
     gate: nn.Module | None
     down: nn.Module
     attn: AttentionParts
-
-    @property
-    def act_point(self) -> nn.Module:
-        """The module whose input is the activation we score and mask (the down projection)."""
-        return self.down
+    layer: nn.Module | None = None  # the layer module itself (set by `layer_parts`)
 
     @property
     def ffn_width(self) -> int:
@@ -162,18 +184,106 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def get_adapter(backbone: nn.Module) -> Adapter:
+def model_type_of(backbone: nn.Module) -> str | None:
     config = getattr(backbone, "config", None)
     # skeleton.hf_modeling's pruned configs name their family: they have a model type of their own
-    model_type = getattr(config, "skeleton_family", None) or getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    return getattr(config, "skeleton_family", None) or getattr(config, "model_type", None)
+
+
+_USER: dict[str, Adapter] = {}
+
+
+def _import_function(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
         raise UnsupportedArchitectureError(
-            f"no localization adapter for model_type={model_type!r}. Supported: "
-            f"{', '.join(supported_model_types())}. To add one, call "
-            "skeleton.localize.register_adapter(model_type, Adapter(layers='path.to.ModuleList', "
-            "parts=fn)) where fn(layer) returns LayerParts(up, gate, down, attn)."
+            f"adapter {spec!r} is not 'package.module:function' (nor 'registered' / 'inferred')"
         )
-    return _ADAPTERS[model_type]
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedArchitectureError(f"adapter {spec!r} cannot be imported: {err}") from err
+    if not callable(fn):
+        raise UnsupportedArchitectureError(f"adapter {spec!r} is not a function")
+    return fn
+
+
+def resolve_adapter(spec: str, model_type: str | None, backbone: nn.Module | None = None) -> Adapter:
+    """The adapter a `model.adapter` value names.
+
+    "registered": the one registered for `model_type`; "inferred": inferred from `backbone`'s structure;
+    "package.module:function": the function is imported and called once per process; it returns an
+    `Adapter`, or returns None after registering one for `model_type`.
+    """
+    if spec == "registered":
+        if model_type not in _ADAPTERS:
+            raise UnsupportedArchitectureError(
+                f"model.adapter=registered but no adapter is registered for model_type={model_type!r}; "
+                f"{ADAPTER_FIX}"
+            )
+        return _ADAPTERS[model_type]
+    if spec == "inferred":
+        if backbone is None:
+            raise ValueError("resolve_adapter('inferred', ...) needs the backbone to infer from")
+        from .infer import inferred_adapter
+
+        return inferred_adapter(backbone)
+    if spec not in _USER:
+        made = _import_function(spec)()
+        if made is None:
+            made = _ADAPTERS.get(model_type)
+        if not isinstance(made, Adapter):
+            raise UnsupportedArchitectureError(
+                f"adapter function {spec!r} returned {type(made).__name__} and registered nothing for "
+                f"model_type={model_type!r}: it must return a skeleton.localize.Adapter or register one"
+            )
+        _USER[spec] = made
+    return _USER[spec]
+
+
+def adapter_name(backbone: nn.Module) -> str:
+    """Which adapter `get_adapter` uses: the configured spec, "registered" or "inferred"."""
+    spec = getattr(backbone.config, "skeleton_adapter", None)
+    if spec:
+        return spec
+    return "registered" if model_type_of(backbone) in _ADAPTERS else "inferred"
+
+
+def use_adapter(backbone: nn.Module, spec: str | None) -> Adapter:
+    """Make `backbone` use the adapter `spec` names (None = registered, else inferred) and return it. The
+    spec is kept on `backbone.config.skeleton_adapter`, so exports save it in config.json and every later
+    `get_adapter` (in this process or after a reload) finds the same adapter."""
+    if spec:
+        backbone.config.skeleton_adapter = spec
+    return get_adapter(backbone)
+
+
+def adopt_adapter(backbone: nn.Module, spec: str | None = None) -> str | None:
+    """Resolve the backbone's adapter now, as `spec` says (None = registered, else inferred), keep its name
+    on `config.skeleton_adapter` and return it to record with the model, so a reload uses the same one. A user spec that
+    cannot be resolved raises at once; with no spec, a family without any adapter gives None (prompt
+    tuning alone needs none; `check_adapter` refuses it before any localization)."""
+    if spec:
+        use_adapter(backbone, spec)
+        return spec
+    try:
+        get_adapter(backbone)
+    except UnsupportedArchitectureError:
+        return None
+    backbone.config.skeleton_adapter = adapter_name(backbone)
+    return backbone.config.skeleton_adapter
+
+
+def get_adapter(backbone: nn.Module) -> Adapter:
+    model_type = model_type_of(backbone)
+    spec = getattr(getattr(backbone, "config", None), "skeleton_adapter", None)
+    if spec:
+        return resolve_adapter(spec, model_type, backbone)
+    if model_type in _ADAPTERS:
+        return _ADAPTERS[model_type]
+    from .infer import inferred_adapter
+
+    return inferred_adapter(backbone)
 
 
 def find_layers(backbone: nn.Module, path: str) -> nn.ModuleList:
@@ -191,7 +301,24 @@ def get_layers(backbone: nn.Module) -> nn.ModuleList:
 def layer_parts(backbone: nn.Module) -> list[LayerParts]:
     """The per-layer parts of `backbone`, in depth order."""
     adapter = get_adapter(backbone)
-    return [adapter.parts(layer) for layer in find_layers(backbone, adapter.layers)]
+    out = []
+    for layer in find_layers(backbone, adapter.layers):
+        parts = adapter.parts(layer)
+        parts.layer = layer
+        out.append(parts)
+    return out
+
+
+def shared_modules(parts: list[LayerParts]) -> list[str]:
+    """Clashes where two listed layers hold the same projection module: slicing it for one layer would
+    silently change the other (an adapter must list a shared layer once, for one joint keep set)."""
+    seen: dict[int, int] = {}
+    clashes = []
+    for i, p in enumerate(parts):
+        for m in (p.up, p.gate, p.down, p.attn.q, p.attn.k, p.attn.v, p.attn.qkv, p.attn.out):
+            if m is not None and seen.setdefault(id(m), i) != i:
+                clashes.append(f"layers {seen[id(m)]} and {i} share {type(m).__name__}")
+    return clashes
 
 
 def ffn_widths(backbone: nn.Module) -> list[int]:
@@ -277,6 +404,62 @@ def _llama_parts(layer: nn.Module) -> LayerParts:
     return LayerParts(m.up_proj, m.gate_proj, m.down_proj, attn)
 
 
+def kv_groups(parts: AttentionParts, keep: torch.Tensor) -> torch.Tensor:
+    """The key/value heads behind the kept query heads `keep` (sorted), which must be whole groups: a key/value
+    head serves every query head of its group, so it can only go once they all go."""
+    g = parts.group_size
+    if g == 1:
+        return keep
+    groups = torch.unique(keep // g)
+    if not torch.equal(group_heads(groups, g), keep.sort().values):
+        raise ValueError(
+            f"kept heads {keep.tolist()} are not whole key/value groups of {g} query heads: with grouped-query "
+            "attention keep or drop a group's heads together (select_heads does so on Scores from score_neurons)"
+        )
+    return groups
+
+
+def group_heads(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The query heads of key/value heads `groups`."""
+    return (groups.long().view(-1, 1) * group_size + torch.arange(group_size)).view(-1)
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_WIDTH_ATTRS = ("all_head_size", "inner_dim")
+
+
+def set_head_counts(module: nn.Module, old: tuple[int, int, int], new: tuple[int, int, int]) -> None:
+    """Update the head-count attributes an attention forward may read: `old` / `new` are (query heads,
+    key/value heads, head_dim); only attributes holding the old value change."""
+    (h0, kv0, d), (h1, kv1, _) = old, new
+    for names, before, after in (
+        (_HEAD_ATTRS, h0, h1),
+        (_KV_ATTRS, kv0, kv1),
+        (_WIDTH_ATTRS, h0 * d, h1 * d),
+    ):
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value == before:
+                setattr(module, name, after)
+
+
+def prune_separate_heads(parts: AttentionParts, keep: torch.Tensor) -> None:
+    """Slice separate q/k/v projections and the output projection to the kept heads, whole key/value groups
+    under grouped-query attention, and update the module's head-count attributes."""
+    keep = keep.long().view(-1)
+    groups = kv_groups(parts, keep)
+    d, h, kv = parts.head_dim, parts.num_heads, parts.num_kv_heads or parts.num_heads
+    ch, kv_ch = head_channels(keep, d), head_channels(groups, d)
+    slice_out(parts.q, ch)
+    slice_out(parts.k, kv_ch)
+    slice_out(parts.v, kv_ch)
+    slice_in(parts.out, ch)
+    if parts.num_kv_heads is not None:
+        parts.num_kv_heads = len(groups)
+    set_head_counts(parts.module, (h, kv, d), (len(keep), len(groups), d))
+
+
 def _slice_separate_qkv(parts: AttentionParts, keep: torch.Tensor) -> int:
     ch = head_channels(keep, parts.head_dim)
     for m in (parts.q, parts.k, parts.v):
@@ -314,16 +497,6 @@ def _gpt2_prune_heads(parts: AttentionParts, keep: torch.Tensor) -> None:
     a.split_size = len(keep) * parts.head_dim
 
 
-def _llama_prune_heads(parts: AttentionParts, keep: torch.Tensor) -> None:
-    if parts.num_kv_heads != parts.num_heads:
-        raise NotImplementedError(
-            "head pruning with grouped-query attention (num_key_value_heads < num_attention_heads) is not "
-            "supported: a key/value head can only go once all the query heads of its group go. "
-            "Mask heads with skeleton.localize.masked(...) instead, or prune FFN neurons only."
-        )
-    _slice_separate_qkv(parts, keep)  # forward views with -1 heads and num_key_value_groups stays 1
-
-
 _BERT = Adapter("encoder.layer", _bert_parts, _bert_prune_heads)
 for _t in ("bert", "roberta", "xlm-roberta", "electra"):
     register_adapter(_t, _BERT)
@@ -331,4 +504,4 @@ register_adapter("deberta-v2", Adapter("encoder.layer", _deberta_parts, _deberta
 register_adapter("distilbert", Adapter("transformer.layer", _distilbert_parts, _distilbert_prune_heads))
 register_adapter("gpt2", Adapter("h", _gpt2_parts, _gpt2_prune_heads))
 for _t in ("llama", "qwen2", "mistral"):
-    register_adapter(_t, Adapter("layers", _llama_parts, _llama_prune_heads))
+    register_adapter(_t, Adapter("layers", _llama_parts, prune_separate_heads))

@@ -209,10 +209,13 @@ class _Capture:
     If the input does not require grad (frozen backbone, no trainable prompt upstream), it is replaced by a
     detached leaf that does, so the graph from that point on exists and autograd.grad can reach it. Only the
     part of the graph upstream of the first hooked point is lost, and no score needs it.
+
+    A module called several times per forward (a layer whose weights several layers share, as in ALBERT)
+    keeps every call's input: its scores are the sum over the calls, one joint score per shared unit.
     """
 
     def __init__(self, modules: list[nn.Module]):
-        self.tensors: list[torch.Tensor | None] = [None] * len(modules)
+        self.tensors: list[list[torch.Tensor]] = [[] for _ in modules]
         self.grad = False
         self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(modules)]
 
@@ -221,7 +224,7 @@ class _Capture:
             x = args[0]
             if self.grad and not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            self.tensors[i] = x
+            self.tensors[i].append(x)
             return (x, *args[1:])
 
         return hook
@@ -307,30 +310,40 @@ def _per_token(criterion: str, a: torch.Tensor, g: torch.Tensor | None) -> torch
 def _score_batch(model, batch, capture, points, n_ffn, opts) -> tuple[list, list]:
     need_grad = opts["criterion"] != "activation"
     capture.grad = need_grad
-    capture.tensors = [None] * len(points)
+    capture.tensors = [[] for _ in points]
     with torch.set_grad_enabled(need_grad):
         logits = model(batch)
         mask = _content_mask(model, batch, opts.get("include_prompt", False))
-        acts = capture.tensors
-        if any(a is None for a in acts):
+        calls = capture.tensors
+        if any(not c for c in calls):
             raise RuntimeError("a hooked projection was not called in the forward; is model.backbone used?")
+        acts = [a for c in calls for a in c]
         grads: tuple = (None,) * len(acts)
         if need_grad:
             tgt = task_target(logits, batch, opts["task_formulation"], opts["target"], opts["unsupervised"])
             grads = torch.autograd.grad(tgt.sum(), acts, allow_unused=True)
-    capture.tensors = [None] * len(points)
+    capture.tensors = [[] for _ in points]
     rows: list[torch.Tensor] = []
-    for i, (a, g) in enumerate(zip(acts, grads)):
-        if a.shape[:2] != mask.shape:
-            raise ValueError(
-                f"content_mask has shape {tuple(mask.shape)} but the backbone sees {tuple(a.shape[:2])} "
-                "(rows, positions); content_mask must cover soft-prompt positions too"
-            )
-        s = _per_token(opts["criterion"], a, g)
-        if i >= n_ffn:  # attention head point: sum the per-channel scores of each head
-            s = s.view(*s.shape[:2], -1, points[i][1]).sum(-1)
-        rows.append(_aggregate(s, mask.to(s.device), opts["token_agg"], opts["magnitude"]))
+    start = 0
+    for i, c in enumerate(calls):
+        head_dim = points[i][1] if i >= n_ffn else None
+        pairs = zip(acts[start : start + len(c)], grads[start : start + len(c)])
+        rows.append(sum(_row_scores(a, g, mask, head_dim, opts) for a, g in pairs))
+        start += len(c)
     return rows[:n_ffn], rows[n_ffn:]
+
+
+def _row_scores(a, g, mask, head_dim: int | None, opts) -> torch.Tensor:
+    """(R, d) scores of one call of a hooked point; per head when `head_dim` is given."""
+    if a.shape[:2] != mask.shape:
+        raise ValueError(
+            f"content_mask has shape {tuple(mask.shape)} but the backbone sees {tuple(a.shape[:2])} "
+            "(rows, positions); content_mask must cover soft-prompt positions too"
+        )
+    s = _per_token(opts["criterion"], a, g)
+    if head_dim is not None:  # attention head point: sum the per-channel scores of each head
+        s = s.view(*s.shape[:2], -1, head_dim).sum(-1)
+    return _aggregate(s, mask.to(s.device), opts["token_agg"], opts["magnitude"])
 
 
 def _check(name: str, value: str, allowed: tuple) -> None:
@@ -395,6 +408,8 @@ def score_neurons(
         "task_formulation": formulation,
         "model_type": getattr(backbone.config, "model_type", None),
     }
+    if heads:  # query heads per key/value head: select_heads keeps grouped-query groups whole
+        meta["head_groups"] = [p.attn.group_size for p in parts]
     if criterion in ("magnitude", "random"):
         ffn, hs = (
             magnitude_scores(parts, heads) if criterion == "magnitude" else random_scores(parts, heads, seed)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import LayerParts, head_channels, layer_parts
+from .arch import check_per_layer, head_channels, layer_parts
 
 KeepSpec = Sequence[torch.Tensor | None]
 
@@ -37,11 +37,6 @@ def as_keep_mask(keep: torch.Tensor | None, width: int) -> torch.Tensor:
     mask = torch.zeros(width, dtype=torch.bool)
     mask[idx] = True
     return mask
-
-
-def _check_len(keep: KeepSpec, parts: list[LayerParts], what: str) -> None:
-    if len(keep) != len(parts):
-        raise ValueError(f"{what} has {len(keep)} entries but the backbone has {len(parts)} layers")
 
 
 def _multiply_input(mask: torch.Tensor):
@@ -73,10 +68,10 @@ class NeuronMask:
         self.ffn: list[torch.Tensor | None] = [None] * len(parts)
         self.heads: list[torch.Tensor | None] = [None] * len(parts)
         if ffn_keep is not None:
-            _check_len(ffn_keep, parts, "ffn_keep")
+            check_per_layer(ffn_keep, len(parts), "ffn_keep")
             self.ffn = [as_keep_mask(k, p.ffn_width) for k, p in zip(ffn_keep, parts)]
         if head_keep is not None:
-            _check_len(head_keep, parts, "head_keep")
+            check_per_layer(head_keep, len(parts), "head_keep")
             self.heads = [as_keep_mask(k, p.attn.num_heads) for k, p in zip(head_keep, parts)]
         self._parts = parts
         self._handles: list = []
@@ -114,13 +109,3 @@ def masked(
 ) -> NeuronMask:
     """Context manager: `with masked(backbone, ffn_keep, head_keep): ...` (hooks removed on exit)."""
     return NeuronMask(backbone, ffn_keep, head_keep)
-
-
-def apply_ffn_mask(backbone: nn.Module, keep: KeepSpec) -> NeuronMask:
-    """Apply an FFN mask now; call `.remove()` on the result to undo it."""
-    return NeuronMask(backbone, ffn_keep=keep).apply()
-
-
-def apply_head_mask(backbone: nn.Module, keep: KeepSpec) -> NeuronMask:
-    """Apply a head mask now; call `.remove()` on the result to undo it."""
-    return NeuronMask(backbone, head_keep=keep).apply()

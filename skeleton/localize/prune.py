@@ -14,8 +14,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import get_adapter, in_features, layer_parts, out_features, slice_in, slice_out
+from .arch import (
+    check_per_layer,
+    get_adapter,
+    group_heads,
+    in_features,
+    kv_groups,
+    layer_parts,
+    out_features,
+    shared_modules,
+    slice_in,
+    slice_out,
+)
 from .masks import as_keep_mask
+from .skip import attention_skippable, refresh_skips
 
 SCOPES = ("global", "layer")
 
@@ -74,8 +86,7 @@ def select_neurons(
 
     scores: a `Scores` (its `.ffn` is used) or a list of per-layer 1-D score tensors.
     scope="global" (default) ranks all neurons of all layers together and drops floor(rate * total): layers
-        hold very different numbers of task neurons, and on MiniLM + SST-2 at psi = 1 point global ranking
-        pruned 49% with no dev loss against 25% for the same rate in every layer. scope="layer" drops
+        hold very different numbers of task neurons (README, Choices: "ranking"). scope="layer" drops
         floor(rate * width) in each layer.
     min_per_layer: floor on each layer's kept width (capped at the width); 0 lets a layer vanish, which the
         pruned model handles (the FFN then outputs its down-projection bias).
@@ -88,20 +99,46 @@ def select_neurons(
 
 
 def select_heads(
-    scores, rate: float, *, scope: str = "global", min_per_layer: int = 1, round_to: int = 1
+    scores,
+    rate: float,
+    *,
+    scope: str = "global",
+    min_per_layer: int = 1,
+    round_to: int = 1,
+    group_sizes: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Like `select_neurons` for attention heads (`Scores.heads`). The floor defaults to 1 head per layer
-    because the attention forward of every supported family cannot run with zero heads."""
-    return _select(_layer_scores(scores, "heads"), rate, scope, min_per_layer, round_to)
+    """Like `select_neurons` for attention heads (`Scores.heads`). The floor defaults to 1 head per layer;
+    0 lets a layer lose all its heads (the attention block is then skipped, see `skip`).
+
+    group_sizes: query heads per key/value head in each layer (grouped-query attention), by default the
+        `head_groups` that `score_neurons` records in `Scores.meta`. Whole groups are then ranked (by the sum
+        of their heads' scores) and kept or dropped together, since pruning can only remove a key/value head
+        with all its query heads; `rate`, the floor and `round_to` count query heads.
+    """
+    layer_scores = _layer_scores(scores, "heads")
+    if group_sizes is None:
+        group_sizes = (getattr(scores, "meta", None) or {}).get("head_groups")
+    if not group_sizes or all(g == 1 for g in group_sizes):
+        return _select(layer_scores, rate, scope, min_per_layer, round_to)
+    if len(group_sizes) != len(layer_scores):
+        raise ValueError(f"group_sizes has {len(group_sizes)} entries for {len(layer_scores)} layers")
+    grouped = [s.view(-1, g).sum(1) for s, g in zip(layer_scores, group_sizes)]
+    g_max = max(group_sizes)
+    kept = _select(grouped, rate, scope, math.ceil(min_per_layer / g_max), max(1, round_to // g_max))
+    return [group_heads(k, g) for k, g in zip(kept, group_sizes)]
 
 
 def _as_indices(keep: torch.Tensor | None, width: int) -> torch.Tensor:
     return as_keep_mask(keep, width).nonzero().view(-1)
 
 
-def _check_len(keep: Sequence, n: int, what: str) -> None:
-    if len(keep) != n:
-        raise ValueError(f"{what} has {len(keep)} entries but the backbone has {n} layers")
+def _layer_parts(backbone: nn.Module) -> list:
+    """`layer_parts`, refusing an adapter that lists a shared module in two layers."""
+    parts = layer_parts(backbone)
+    clashes = shared_modules(parts)
+    if clashes:
+        raise ValueError(f"{'; '.join(clashes)}: list each shared layer once in the adapter")
+    return parts
 
 
 @torch.no_grad()
@@ -114,8 +151,8 @@ def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[
     touched, so rate 0 is bit-identical. Records the widths on `backbone.config.skeleton_ffn_widths` so an
     export can rebuild the shapes with `resize_to_widths`. Returns the new widths.
     """
-    parts = layer_parts(backbone)
-    _check_len(keep, len(parts), "keep")
+    parts = _layer_parts(backbone)
+    check_per_layer(keep, len(parts), "keep")
     for p, k in zip(parts, keep):
         idx = _as_indices(k, p.ffn_width)
         if len(idx) == p.ffn_width:
@@ -124,6 +161,7 @@ def prune_ffn(backbone: nn.Module, keep: Sequence[torch.Tensor | None]) -> list[
         if p.gate is not None:
             slice_out(p.gate, idx)
         slice_in(p.down, idx)
+    refresh_skips(parts)
     widths = [p.ffn_width for p in parts]
     backbone.config.skeleton_ffn_widths = widths
     return widths
@@ -135,25 +173,32 @@ def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) 
     projection's input columns, and the head-count attributes the attention forward reads.
 
     Supported: BERT/RoBERTa/ELECTRA, DeBERTa-v2 (incl. relative-position projections), DistilBERT, GPT-2
-    (fused c_attn), and LLaMA-family models without grouped-query attention; GQA raises
-    NotImplementedError. Every layer must keep at least one head (ValueError otherwise): the attention
-    forward reshapes with -1 heads and cannot run on zero; `select_heads` floors at 1 for this reason.
+    (fused c_attn), LLaMA/Qwen2/Mistral (grouped-query attention: the kept heads must be whole key/value
+    groups, as `select_heads` returns them) and inferred adapters whose check passed. A layer may keep no
+    head: its attention block is then skipped (only the output bias remains), where the block holds nothing
+    but its heads (ValueError otherwise, e.g. ALBERT whose attention module also holds the residual norm).
     Records `backbone.config.skeleton_heads_per_layer`. Returns the new head counts.
     """
     adapter = get_adapter(backbone)
-    parts = layer_parts(backbone)
-    _check_len(keep_heads, len(parts), "keep_heads")
+    parts = _layer_parts(backbone)
+    check_per_layer(keep_heads, len(parts), "keep_heads")
     todo = []
     for i, (p, k) in enumerate(zip(parts, keep_heads)):
         idx = _as_indices(k, p.attn.num_heads)
-        if len(idx) == 0:
-            raise ValueError(f"layer {i} keeps no attention head; keep at least one per layer")
+        if len(idx) == 0 and p.attn.num_heads and not attention_skippable(p):
+            raise ValueError(
+                f"layer {i} keeps no attention head, but its attention module "
+                f"{type(p.attn.module).__name__} computes more than its heads, so it cannot be skipped "
+                "exactly; keep at least one head per layer (select_heads(..., min_per_layer=1))"
+            )
         if len(idx) < p.attn.num_heads:
+            kv_groups(p.attn, idx)  # whole key/value groups, checked in every layer before any slicing
             todo.append((p, idx))
     if todo and adapter.prune_heads is None:
         raise NotImplementedError(f"head pruning is not implemented for {backbone.config.model_type}")
     for p, idx in todo:
         adapter.prune_heads(p.attn, idx)
+    refresh_skips(parts)
     heads = [p.attn.num_heads for p in parts]
     backbone.config.skeleton_heads_per_layer = heads
     return heads
@@ -173,16 +218,16 @@ def resize_to_widths(
     heads = heads if heads is not None else getattr(cfg, "skeleton_heads_per_layer", None)
     parts = layer_parts(backbone)
     if widths is not None:
-        _check_len(widths, len(parts), "widths")
+        check_per_layer(widths, len(parts), "widths")
         for w, p in zip(widths, parts):
             if not 0 <= w <= p.ffn_width:
                 raise ValueError(f"width {w} not in [0, {p.ffn_width}]")
         prune_ffn(backbone, [torch.arange(w) for w in widths])
     if heads is not None:
-        _check_len(heads, len(parts), "heads")
+        check_per_layer(heads, len(parts), "heads")
         for h, p in zip(heads, parts):
-            if not 1 <= h <= p.attn.num_heads:
-                raise ValueError(f"head count {h} not in [1, {p.attn.num_heads}]")
+            if not 0 <= h <= p.attn.num_heads:
+                raise ValueError(f"head count {h} not in [0, {p.attn.num_heads}]")
         prune_heads(backbone, [torch.arange(h) for h in heads])
 
 
