@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ARGS ?=
 
-.PHONY: setup quickstart test lint smoke clean
+.PHONY: setup quickstart test lint smoke wheel clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: setup
 # A short real end-to-end run (MiniLM, shared SST-2): keeps the main job from silently breaking.
 smoke: setup
 	$(OFFLINE) $(BIN)/skeleton-train experiment=smoke $(ARGS)
+
+# The wheel is the product: build it, install it in a fresh venv, run every command outside the checkout.
+wheel: setup
+	PYTHON=$(BIN)/python .ci/wheel
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -9,5 +9,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 # Expected here, so only noise: the frozen backbone stays in eval mode on purpose, and
 # Lightning / W&B deprecation notices that users cannot act on.
-for _message in (r".*module\(s\) in eval mode.*", ".*LeafSpec.*", ".*anonymous setting.*"):
+for _message in (r".*module\(s\) in eval mode.*", ".*LeafSpec.*"):
     warnings.filterwarnings("ignore", message=_message)

@@ -46,12 +46,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path, report=print) -> list:
     return loggers
 
 
+def without_anonymous(logger):
+    """Lightning always hands W&B an ``anonymous`` setting, which W&B then warns has no effect."""
+    if isinstance(logger, WandbLogger):
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
 def start_wandb(node: dict, timeout: float, run_dir: Path, report=print):
     """Start the W&B run now, bounded by ``timeout`` seconds; offline (synced later) if it cannot."""
     import wandb  # only where W&B is used: importing it costs seconds
 
     kind = get_class(node.pop("_target_"))
-    logger = kind(**node, settings=wandb.Settings(init_timeout=timeout))
+    logger = without_anonymous(kind(**node, settings=wandb.Settings(init_timeout=timeout)))
     if node["mode"] != "online":
         return logger
     try:
@@ -63,7 +70,7 @@ def start_wandb(node: dict, timeout: float, run_dir: Path, report=print):
             f"WARNING: W&B could not start online within {timeout:.0f}s ({type(err).__name__}: {err}); "
             f"logging offline into {run_dir / 'wandb'}. Upload it later with: wandb sync {run_dir}/wandb/offline-run-*"
         )
-        return kind(**{**node, "mode": "offline"})
+        return without_anonymous(kind(**{**node, "mode": "offline"}))
 
 
 def safely(action, what: str, report=print) -> None:

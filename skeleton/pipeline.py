@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from skeleton.localize import (
     select_heads,
     select_neurons,
 )
-from skeleton.localize.config import SkeletonConfig
+from skeleton.localize.config import SkeletonConfig, rounds_of
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
 
 Report = Callable[[str], None]
@@ -49,6 +50,18 @@ DEGENERATE = (
     "(trainer.max_steps) or raise prompt.lr / module.head_lr."
 )
 FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
+
+
+class Eta:
+    """``k/total, eta Ns`` for progress lines, from the mean time of the steps done so far."""
+
+    def __init__(self, total: int, done: int = 0):
+        self.total, self.done, self.started = total, done, time.perf_counter()
+
+    def step(self) -> str:
+        self.done += 1
+        left = max(self.total - self.done, 0) * (time.perf_counter() - self.started) / self.done
+        return f"{self.done}/{self.total}, eta {left:.0f}s"
 
 
 @dataclass
@@ -210,13 +223,14 @@ def score_model(
 
     if not opts.iterative:
         return score_once()
+    eta = Eta(len(rounds_of(opts.iterative_step, opts.iterative_until)) + 1, done=1)  # a pass per round
     return score_iteratively(
         score_once,
         model.backbone,
         step=opts.iterative_step,
         until=opts.iterative_until,
         scope=cfg.pruning.scope,
-        progress=lambda rate, _: report(f"  attribution re-scored with {rate:.0%} masked"),
+        progress=lambda rate, _: report(f"  attribution re-scored with {rate:.0%} masked ({eta.step()})"),
     )
 
 
@@ -268,6 +282,8 @@ def search_rate(
                 f"(dense {base:.4f}), beyond psi={cfg.psi}: lower skeleton.pruning.head_rate"
             )
             report(f"WARNING: {warnings[-1]}")
+    # a binary search over the grid plus the lookahead: the usual number of evaluations, not a bound
+    eta = Eta(math.ceil(math.log2(math.floor(s.max_rate / s.granularity + 1e-9) + 1)) + s.lookahead)
     found = search_pruning_rate(
         evaluate_rate,
         base,
@@ -276,7 +292,7 @@ def search_rate(
         max_rate=s.max_rate,
         lookahead=s.lookahead,
         progress=lambda r, score, ok: report(
-            f"  rate {r:.2f}: {headline} {score:.4f} {'ok' if ok else 'over margin'}"
+            f"  rate {r:.2f}: {headline} {score:.4f} {'ok' if ok else 'over margin'} (~{eta.step()})"
         ),
     )
     report(

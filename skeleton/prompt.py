@@ -148,7 +148,8 @@ class PromptTunedModel(L.LightningModule):
         self.head = TaskHead(self.task.formulation, hidden, self.task.num_labels, head_hidden, head_dropout)
         self._uses_token_types = getattr(self.backbone.config, "type_vocab_size", 0) > 1
         self.strict_loading = False  # checkpoints hold prompt + head only, never the backbone
-        self.metrics = {"val": self.task.build_metrics(), "test": self.task.build_metrics()}
+        # Logged as search/* (validation: the split that picks the checkpoint and the rate) and dev/* (test)
+        self.metrics = {"search": self.task.build_metrics(), "dev": self.task.build_metrics()}
 
     # ---- the forward pass ------------------------------------------------------------
     @property
@@ -213,10 +214,10 @@ class PromptTunedModel(L.LightningModule):
         self.metrics[stage].update(logits.detach().float().cpu(), _cpu(batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self._eval_step("search", batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("dev", batch)
 
     def _eval_epoch_end(self, stage: str) -> None:
         scores = self.metrics[stage].compute()
@@ -226,10 +227,20 @@ class PromptTunedModel(L.LightningModule):
         self.log(f"{stage}/score", scores[self.task.headline], prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self._eval_epoch_end("search")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._eval_epoch_end("dev")
+
+    # ---- inference -------------------------------------------------------------------------
+    def predict(self, inputs, batch_size: int = 64, max_length: int | None = None) -> list[dict]:
+        """Predict a string, a tuple of the task's fields (a pair), a dict keyed by the task's field
+        names, or a list of them: one ``{"index", "prediction", "scores"}`` record each, where the
+        prediction is a label name, a value (regression) or the chosen candidate. Batched, under
+        inference mode, on the model's device."""
+        from skeleton.predict import predict  # skeleton.predict imports the data and export modules
+
+        return predict(self, inputs, batch_size=batch_size, max_length=max_length)
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()

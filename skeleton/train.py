@@ -11,26 +11,24 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from skeleton import runs
-from skeleton.backbones import name_of
 from skeleton.callback import SkeletonCallback
+from skeleton.configs import register_resolvers
 from skeleton.export import save_skeleton
 from skeleton.fingerprints import differences, run_fingerprints
 from skeleton.localize import check_adapter
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import build_loggers, log_summary
 from skeleton.pipeline import SkeletonResult
+from skeleton.progress import quiet_lightning
 from skeleton.reuse import PromptCache
 from skeleton.summary import Measured, RunSummary
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = str(ROOT / "conf")
-OmegaConf.register_new_resolver("skeleton_root", lambda: str(ROOT), replace=True)
-OmegaConf.register_new_resolver("short_dirname", runs.short_dirname, replace=True)
-OmegaConf.register_new_resolver("unique_suffix", runs.unique_suffix, replace=True)
-OmegaConf.register_new_resolver("backbone_name", name_of, replace=True)
+register_resolvers()  # train() may be called from Python on a config composed elsewhere
+CHECKPOINTS = "checkpoints"  # Lightning checkpoints of a run, apart from the skeleton artifact
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -48,9 +46,21 @@ def skeleton_config(cfg: DictConfig) -> SkeletonConfig | None:
     return SkeletonConfig.from_dict(OmegaConf.to_container(node, resolve=True))
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    # A callback set to null in an experiment (e.g. early_stopping: null) is switched off.
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+def build_callbacks(cfg: DictConfig, run_dir: Path | None = None, has_logger: bool = True) -> list:
+    """The ``callbacks`` group, fitted to the run: a callback set to null (``early_stopping: null``) is off,
+    the LR monitor is dropped without a logger (it raises), checkpoints go to ``run_dir/checkpoints``
+    (else Lightning puts them under the logger's folder, which for W&B is ``run_dir/skeleton``)."""
+    built = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None and run_dir is not None:
+            callback.dirpath = str(Path(run_dir).resolve() / CHECKPOINTS)
+        built.append(callback)
+    return built
 
 
 def train(cfg: DictConfig) -> RunSummary | None:
@@ -74,6 +84,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
         return finished
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    quiet_lightning()
     datamodule = instantiate(cfg.data)
     datamodule.validate()  # every split the run needs is there and non-empty, before any training
     model = instantiate(cfg.module)
@@ -85,7 +96,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
         identity = {"data": expected["data"], "backbone_sha256": model.backbone_identity()["sha256"]}
         cache = PromptCache(cfg, cfg.paths.cache_dir, **identity)
     skeleton = SkeletonCallback(settings, cache) if settings is not None else None
-    callbacks = build_callbacks(cfg) + ([skeleton] if skeleton is not None else [])
+    callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
+    callbacks += [skeleton] if skeleton is not None else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -102,14 +114,14 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
             trainer.fit(model, datamodule=datamodule)
             ended = skeleton.fit_ended_at if skeleton is not None and skeleton.fit_ended_at else None
             train_info = train_stats(trainer, (ended or time.perf_counter()) - started)
-            search_scores = stage_metrics(trainer.callback_metrics, "val")
+            search_scores = stage_metrics(trainer.callback_metrics, "search")
             if cache is not None and cache.has_prompt():
                 cache.update_meta({"train": train_info})
 
     result = skeleton.result if skeleton is not None else None
     best = "best" if result is None and getattr(trainer.checkpoint_callback, "best_model_path", "") else None
     dev_scores = stage_metrics(
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "test"
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0], "dev"
     )
 
     summary = base_summary(cfg, model, run_dir, train_info, Measured(search_scores, dev_scores))
@@ -173,7 +185,7 @@ def save_artifact(model, result: SkeletonResult, path: Path) -> Path:
 
 
 def stage_metrics(metrics: dict, stage: str) -> dict[str, float]:
-    """``{"val/accuracy": t}`` -> ``{"accuracy": 0.9}`` for one stage, without the loss."""
+    """``{"search/accuracy": t}`` -> ``{"accuracy": 0.9}`` for one stage, without the loss."""
     prefix = f"{stage}/"
     return {
         k[len(prefix) :]: float(v)

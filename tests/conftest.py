@@ -15,7 +15,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models: 2 threads on a shared 2-core box are ~100x slower
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
+FIXTURES = ROOT / "skeleton" / "fixtures"  # package data: experiment=tiny reads them too
 SHARED_DATA = Path(os.environ.get("SKELETON_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -5,11 +5,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from skeleton.train import CONFIG_DIR
+from skeleton.configs import CONFIG_DIR, FIXTURES_DIR
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(FIXTURES_DIR)
 
-TINY = ["experiment=tiny"]  # conf/experiment/tiny.yaml: tiny BERT, fixtures, few steps
+TINY = ["experiment=tiny"]  # skeleton/conf/experiment/tiny.yaml: tiny BERT, fixtures, few steps
 
 
 def compose_config(overrides: list[str] = (), run_dir: Path | None = None, tiny: bool = True) -> DictConfig:

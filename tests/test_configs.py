@@ -9,18 +9,15 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from skeleton.configs import CONFIG_DIR, options
 from skeleton.localize.config import SkeletonConfig
 from skeleton.loggers import build_loggers
 from skeleton.prompt import PromptTunedModel
 from skeleton.tasks import get_task
-from skeleton.train import CONFIG_DIR, build_callbacks, skeleton_config
+from skeleton.train import build_callbacks, skeleton_config
 from tests.helpers import compose_config
 
 GROUP = Path(CONFIG_DIR)
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (GROUP / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("task", options("task"))
@@ -116,7 +113,7 @@ def test_every_skeleton_config_validates(skeleton):
 
 
 def test_the_skeleton_yaml_states_the_dataclass_defaults():
-    """conf/skeleton/default.yaml restates the defaults for readers; it must never drift from them."""
+    """skeleton/conf/skeleton/default.yaml restates the defaults for readers; it must never drift from them."""
     raw = OmegaConf.to_container(OmegaConf.load(GROUP / "skeleton" / "default.yaml"))
     assert SkeletonConfig.from_dict(raw).to_dict() == SkeletonConfig().to_dict()
     assert raw == SkeletonConfig().to_dict()

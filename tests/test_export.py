@@ -138,9 +138,9 @@ def test_predict_cli_clear_errors(tmp_path, capsys):
     assert predict_main([str(tmp_path / "missing"), "--input", str(tsv)]) == 2
     assert "does not exist" in capsys.readouterr().err
     wrong = tmp_path / "dev.jsonl"
-    wrong.write_text('{"sentence": "x", "label": 1}\n')
+    wrong.write_text('{"text": "x", "label": 1}\n')
     assert predict_main([str(path), "--input", str(wrong), "--output", str(tmp_path / "p.jsonl")]) == 2
-    assert "TSV" in capsys.readouterr().err
+    assert "missing field(s) ['sentence']" in capsys.readouterr().err
     bad = tmp_path / "bad.tsv"
     bad.write_text("text\tlabel\nhello\t1\n")
     assert predict_main([str(path), "--input", str(bad), "--output", str(tmp_path / "p.jsonl")]) == 2

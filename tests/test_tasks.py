@@ -24,7 +24,7 @@ from skeleton.tasks import (
 )
 from skeleton.tasks.superglue import find_span
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "skeleton" / "fixtures"  # package data
 SHARED = Path(os.environ.get("SKELETON_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # The Hugging Face hub's feature names per task (nyu-mll/glue, aps/super_glue): local rows must match.

@@ -1,31 +1,40 @@
-"""skeleton-predict: predictions from a skeleton artifact, an export or a run folder."""
+"""skeleton-predict: predictions from a skeleton artifact, an export or a run folder.
+
+skeleton-predict outputs/runs/sst2/minilm/<time> --input dev.tsv           # an official file
+echo "a gripping film" | skeleton-predict RUN --input - --output -         # stdin to stdout
+skeleton-predict RUN --input pairs.txt     # one input per line, tab-separated fields for pair tasks
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from skeleton.export import ArtifactError, BackboneMismatchError, load_model
-from skeleton.predict import predict_file
+from skeleton.predict import STDIN, predict_file, write_records
 from skeleton.tasks import DataFormatError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="skeleton-predict",
-        description="Predict with a skeleton artifact, an export or a run folder on an official GLUE TSV / "
-        "SuperGLUE JSONL file. Writes one JSON line per example; prints throughput and, when the file "
-        "has gold labels, the task metrics.",
+        description="Predict with a skeleton artifact, an export or a run folder. Inputs: an official GLUE "
+        "TSV / SuperGLUE JSONL file, JSON lines with the task's field names, or plain text (one input per "
+        "line, tab-separated fields for pair tasks), from a file or stdin. Writes one JSON line per "
+        "example; prints throughput and, when every input has a gold label, the task metrics.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "artifact", help="skeleton artifact, export folder, or run folder (uses its skeleton/)"
     )
-    parser.add_argument("--input", required=True, help="official-format input file (labels optional)")
-    parser.add_argument("--output", default="preds.jsonl", help="where to write predictions (JSON lines)")
+    parser.add_argument("--input", required=True, help="input file, or - for stdin (labels optional)")
+    parser.add_argument(
+        "--output", default="preds.jsonl", help="where to write predictions (JSON lines), or - for stdout"
+    )
     parser.add_argument(
         "--backbone", help="dense backbone to rebuild a skeleton on (overrides skeleton.json)"
     )
@@ -47,15 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, BackboneMismatchError, DataFormatError, FileNotFoundError) as err:
         print(f"skeleton-predict: error: {err}", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    if args.output == STDIN:
+        sys.stdout.writelines(json.dumps(record) + "\n" for record in records)
+        where, report = "stdout", sys.stderr  # the report must not mix into the predictions
+    else:
+        where, report = write_records(records, args.output), sys.stdout
     rate = len(records) / max(seconds, 1e-9)
-    print(f"{len(records)} examples in {seconds:.2f}s: {rate:.1f} examples/s ({args.device}); wrote {output}")
+    print(
+        f"{len(records)} examples in {seconds:.2f}s: {rate:.1f} examples/s ({args.device}); wrote {where}",
+        file=report,
+    )
     if metrics is not None:
-        print(f"{model.task.name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+        print(
+            f"{model.task.name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()), file=report
+        )
     return 0
 
 

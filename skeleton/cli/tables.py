@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from skeleton import tables
+from skeleton.extras import MissingExtraError, require
 
 FORMATS = ("md", "tex", "csv")
 
@@ -28,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
     if formats - set(FORMATS):
         parser.error(f"unknown format(s): {', '.join(sorted(formats - set(FORMATS)))}")
+    try:
+        require("analysis", "skeleton-tables", ("pandas",) if args.no_plots else None)
+    except MissingExtraError as err:
+        parser.exit(2, f"skeleton-tables: error: {err}\n")
+    from skeleton import tables  # pandas: imported once the extra is known to be there
 
     summaries = tables.load_summaries(args.sweep_dirs) if args.sweep_dirs else tables.Summaries()
     if args.wandb:

@@ -1,6 +1,6 @@
 """The Skeleton step's settings: validated dataclasses, the one source of their defaults.
 
-``conf/skeleton/default.yaml`` restates these defaults with comments for people reading the config, and
+``skeleton/conf/skeleton/default.yaml`` restates these defaults with comments for people reading the config, and
 a test pins it to this module, so the two cannot drift. Every check runs in ``__post_init__``: a run
 builds its ``SkeletonConfig`` in its first second, before any data or model is loaded, so a typo never
 costs a training run. Torch-free (tables and the CLI's help import it cheaply).
