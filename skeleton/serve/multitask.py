@@ -131,6 +131,7 @@ class Encoded:
     n_choices: list[int]
     items: list[dict]
     truncated: list[int]  # indices of inputs cut to max_length
+    max_length: int = 0
 
 
 # ---- one registered task ----------------------------------------------------------------------------
@@ -206,10 +207,12 @@ class MultiTaskModel:
         device: str | torch.device = "cpu",
         max_length: int = 128,
         truncation: str = "truncate",
+        prune: bool = True,
     ):
         """`backbone` names the dense weights (as in skeleton.json); `seed` only matters for
         `tiny:` random backbones. Inputs longer than `max_length` tokens are cut (`truncate`) or
-        refused (`reject`)."""
+        refused (`reject`). `prune=False` runs every task on the dense backbone itself with its own
+        prompt and head: the baseline a user without skeletons would serve."""
         if truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation={truncation!r}; choose one of {TRUNCATION_POLICIES}")
         self.backbone_name = backbone
@@ -221,6 +224,7 @@ class MultiTaskModel:
             p.requires_grad_(False)
         self.tokenizer = load_tokenizer(backbone)
         self.truncation = truncation
+        self.prune = prune
         self.max_length = max_length
         self.tasks: dict[str, TaskEntry] = {}
         self._lock = threading.Lock()  # registration vs registration; predictions read a snapshot
@@ -273,10 +277,11 @@ class MultiTaskModel:
         except Exception as err:  # safetensors raises its own error types for a corrupt file
             raise ArtifactError(f"{path / TENSORS} cannot be read: {err}") from err
         n = meta["num_layers"]
-        view = share_modules(self.dense)
+        view = share_modules(self.dense) if self.prune else self.dense
         try:
-            prune_ffn(view, [tensors[f"keep.ffn.{i}"] for i in range(n)])
-            if meta.get("heads_per_layer") is not None:
+            if self.prune:
+                prune_ffn(view, [tensors[f"keep.ffn.{i}"] for i in range(n)])
+            if self.prune and meta.get("heads_per_layer") is not None:
                 prune_heads(view, [tensors[f"keep.heads.{i}"] for i in range(n)])
             model = PromptTunedModel(
                 **{**meta["model"], "backbone": self.backbone_name}, backbone_module=view
@@ -323,7 +328,7 @@ class MultiTaskModel:
             )
         dataset = TokenizedSplit(tokenize(examples, self.tokenizer, max_length))
         items = [dataset[i] for i in range(len(dataset))]
-        return Encoded(task, rows, [len(ex.texts) for ex in examples], items, truncated)
+        return Encoded(task, rows, [len(ex.texts) for ex in examples], items, truncated, max_length)
 
     def _too_long(self, examples, max_length: int) -> list[int]:
         out = []
