@@ -21,7 +21,7 @@ from skeleton.data import TokenizedSplit, collator_for, tokenize
 from skeleton.export import BackboneMismatchError, load_skeleton, save_skeleton
 from skeleton.localize import layer_parts, prune_ffn, prune_heads
 from skeleton.prompt import PromptTunedModel
-from skeleton.serve import MultiTaskModel, UnknownTaskError
+from skeleton.serve import InputError, MultiTaskModel, UnknownTaskError
 from skeleton.serve.multitask import input_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_tasks_share_one_storage_for_everything_they_do_not_prune(multitask):
         view = entry.model.backbone
         assert view is not dense
         for (key, mine), (_, shared) in zip(view.named_parameters(), dense.named_parameters()):
-            if ".intermediate." in key or ".output.dense." in key and ".attention." not in key:
+            if ".intermediate." in key or (".output.dense." in key and ".attention." not in key):
                 continue  # the FFN: sliced per task (checked below)
             if mine.shape != shared.shape:  # only mrpc prunes heads, in layer 0: its own q/k/v/out
                 assert name == "mrpc" and "layer.0.attention" in key, key
@@ -306,6 +306,27 @@ def test_bad_skeleton_folders_are_refused_at_registration(server, skeletons, whi
     assert needle in r.json()["error"]
     if which == "other":  # both hashes named
         other = json.loads((skeletons["other"] / "skeleton.json").read_text())["backbone"]["sha256"]
-        assert other in r.json()["error"] and server.get("/tasks").json()["backbone"]["sha256"] in r.json()["error"]
+        assert (
+            other in r.json()["error"]
+            and server.get("/tasks").json()["backbone"]["sha256"] in r.json()["error"]
+        )
     assert server.get("/health").json()["tasks"] == ["mrpc", "sst2", "stsb"]
     _alive(server)
+
+
+def test_reject_policy_refuses_long_inputs(multitask):
+    long = " ".join(["word"] * 200)
+    multitask.truncation = "reject"
+    try:
+        with pytest.raises(InputError, match=rf"inputs \[1\] are longer than {MAX_LENGTH} tokens"):
+            multitask.encode("sst2", ["short", long])
+    finally:
+        multitask.truncation = "truncate"
+    assert multitask.encode("sst2", ["short", long]).truncated == [1]
+
+
+def test_cli_refuses_a_bad_folder_before_serving(tmp_path, capsys):
+    from skeleton.serve.server import main
+
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -320,24 +320,27 @@ class MultiTaskModel:
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"inputs do not fit task {spec.name!r}: {err}") from err
         max_length = min(self.max_length, self.model_limit(entry.model.prompt.num_tokens))
-        truncated = self._too_long(examples, max_length)
+        dataset = TokenizedSplit(tokenize(examples, self.tokenizer, max_length))
+        truncated = self._truncated(examples, dataset, max_length)
         if truncated and self.truncation == "reject":
             raise InputError(
                 f"inputs {truncated} are longer than {max_length} tokens (the server refuses long inputs; "
                 "shorten them or start it with --truncation truncate)"
             )
-        dataset = TokenizedSplit(tokenize(examples, self.tokenizer, max_length))
         items = [dataset[i] for i in range(len(dataset))]
         return Encoded(task, rows, [len(ex.texts) for ex in examples], items, truncated, max_length)
 
-    def _too_long(self, examples, max_length: int) -> list[int]:
-        out = []
+    def _truncated(self, examples, dataset: TokenizedSplit, max_length: int) -> list[int]:
+        """Inputs the tokenizer cut; only rows that came out exactly `max_length` long are re-checked."""
+        lengths = dataset.t["row_lengths"].tolist()
+        out, row = [], 0
         for i, ex in enumerate(examples):
             for a, b in ex.texts:
-                ids = self.tokenizer(a, b, truncation=False, verbose=False)["input_ids"]
-                if len(ids) > max_length:
-                    out.append(i)
-                    break
+                if lengths[row] == max_length:
+                    full = self.tokenizer(a, b, truncation=False, verbose=False)["input_ids"]
+                    if len(full) > max_length and i not in out:
+                        out.append(i)
+                row += 1
         return out
 
     @torch.inference_mode()
