@@ -127,29 +127,48 @@ def closed_loop(route, plan, clients: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, plan))
     wall = time.perf_counter() - started
-    latencies = sorted(r[0] for r in results)
     return {
         "requests": len(plan),
         "wall_s": wall,
         "throughput": len(plan) / wall,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "latencies": [r[0] for r in results],
         "predictions": [r[1][0] for r in results],
     }
 
 
-def run_config(name, servers: dict, plan, args) -> dict:
-    """Warm up, then the measured closed loop; servers maps task -> Server."""
-    route = {task: s.port for task, s in servers.items()}.__getitem__
-    closed_loop(route, plan[: args.warmup], args.clients)
-    result = closed_loop(route, plan, args.clients)
-    unique = {id(s): s for s in servers.values()}.values()
-    result["rss_bytes"] = sum(s.rss() for s in unique)
-    first = next(iter(unique))
-    result["stats"] = {k: v for s in unique for k, v in s.client.get("/stats").json().items()}
-    result["memory"] = first.client.get("/memory").json()
-    result["name"] = name
-    return result
+def measure(name, servers: dict, plan, args, repeats: int = 1, others=()) -> dict:
+    """Warm up, then the measured closed loop `repeats` times; servers maps task -> Server.
+
+    `others` are configurations measured in turn with this one (each a (name, servers) pair), so a
+    change in the machine's background load hits every configuration alike."""
+    configs = [(name, servers), *others]
+    routes = {n: {t: s.port for t, s in srv.items()}.__getitem__ for n, srv in configs}
+    for n, _ in configs:
+        closed_loop(routes[n], plan[: args.warmup], args.clients)
+    runs = {n: [] for n, _ in configs}
+    for _ in range(repeats):
+        for n, _ in configs:
+            runs[n].append(closed_loop(routes[n], plan, args.clients))
+    return [_combine(n, runs[n], srv) for n, srv in configs]
+
+
+def _combine(name, runs: list[dict], servers: dict) -> dict:
+    latencies = sorted(x for r in runs for x in r["latencies"])
+    wall, requests = sum(r["wall_s"] for r in runs), sum(r["requests"] for r in runs)
+    unique = list({id(s): s for s in servers.values()}.values())
+    return {
+        "name": name,
+        "requests": requests,
+        "wall_s": wall,
+        "throughput": requests / wall,
+        "throughput_runs": [r["throughput"] for r in runs],
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "predictions": runs[0]["predictions"],
+        "rss_bytes": sum(s.rss() for s in unique),
+        "stats": {k: v for s in unique for k, v in s.client.get("/stats").json().items()},
+        "memory": unique[0].client.get("/memory").json(),
+    }
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ def _mb(b) -> str:
 
 def print_report(results: list[dict], dense_one_rss: int, checks: dict, args) -> None:
     base = next(r for r in results if r["name"].startswith("(b)"))
-    print(f"\n{args.requests} requests of 1 input, {args.clients} closed-loop clients, tasks mixed; "
+    print(f"\n{args.repeats} x {args.requests} requests of 1 input, {args.clients} closed-loop clients, tasks mixed; "
           f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, {args.threads} torch threads\n")  # fmt: skip
     print(
         "| server | throughput (req/s) | vs (b) | p50 ms | p99 ms | mean batch per task | RSS MB | RSS vs one dense |"
@@ -223,29 +242,28 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="(a) and (b) measured in turn this often")
     p.add_argument("--no-per-task", action="store_true", help="skip (c), one dense process per task")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    from skeleton.export import resolve_artifact
+    from skeleton.export import read_meta, resolve_artifact
 
     paths = [resolve_artifact(x) for x in args.paths]
     inputs = task_inputs(paths, Path(args.data), 400, seed=0)
     plan = request_plan(inputs, args.requests, seed=0)
-    results = []
-    for name, dense in (("(a) skeleton, one process", False), ("(b) dense + prompt/head swap", True)):
-        server = Server(paths, args, dense=dense)
-        try:
-            results.append(run_config(name, dict.fromkeys(inputs, server), plan, args))
-        finally:
-            server.close()
+    skeleton, dense = Server(paths, args), Server(paths, args, dense=True)
+    try:
+        results = measure("(a) skeleton, one process", dict.fromkeys(inputs, skeleton), plan, args,
+                          args.repeats, [("(b) dense + prompt/head swap", dict.fromkeys(inputs, dense))])  # fmt: skip
+    finally:
+        skeleton.close()
+        dense.close()
     per_task = {}
     try:
         for path in paths:
-            from skeleton.export import read_meta
-
             per_task[read_meta(path)["task"]] = Server([path], args, dense=True)
         if not args.no_per_task:
-            results.append(run_config(f"(c) {len(paths)} dense processes", per_task, plan, args))
+            results += measure(f"(c) {len(paths)} dense processes", per_task, plan, args)
         dense_one_rss = min(s.rss() for s in per_task.values())  # one dense model, one task, alone
     finally:
         for s in per_task.values():

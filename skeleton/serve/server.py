@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -107,7 +108,13 @@ def create_app(replicas: Replicas, config: ServeConfig | None = None):
     batcher = TaskBatcher(
         _run_batch, workers, max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1000
     )
-    app = FastAPI(title="skeleton-serve", version="1")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="skeleton-serve", version="1", lifespan=lifespan)
     app.state.replicas, app.state.batcher, app.state.config = replicas, batcher, config
 
     @app.exception_handler(HTTPError)
@@ -198,10 +205,6 @@ def create_app(replicas: Replicas, config: ServeConfig | None = None):
     @app.get("/stats")
     async def stats():
         return {task: s.as_dict() for task, s in batcher.stats.items()}
-
-    @app.on_event("shutdown")
-    async def _close():
-        batcher.close()
 
     return app
 
