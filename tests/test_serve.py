@@ -330,3 +330,20 @@ def test_cli_refuses_a_bad_folder_before_serving(tmp_path, capsys):
 
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_released_dense_ffn_is_read_again_for_a_new_task(skeletons, multitask):
+    lean = MultiTaskModel.from_artifacts(
+        [skeletons[t] for t in KEEP], max_length=MAX_LENGTH, release_dense_ffn=True
+    )
+    for task, inputs in INPUTS.items():
+        assert lean.predict(task, inputs) == multitask.predict(task, inputs)
+    mem, full = lean.memory(), multitask.memory()
+    assert mem["dense_ffn_released"] and mem["total_bytes"] < full["total_bytes"]
+    assert mem["shared_bytes"] < full["shared_bytes"] - 4 * 2 * 64 * 32 * 2  # 2 layers' up + down gone
+    pair = [{"sentence1": "It rains.", "sentence2": "The ground is wet."}]
+    lean.register(skeletons["rte"])  # cut from dense weights read again and checked by hash
+    assert (
+        lean.predict("rte", pair)[0]["scores"] == reference_logits(skeletons["rte"], "rte", pair)[0].tolist()
+    )
+    assert lean.memory()["dense_ffn_released"]

@@ -31,7 +31,7 @@ from skeleton.export import (
     read_meta,
     resolve_artifact,
 )
-from skeleton.localize import backbone_flops, prune_ffn, prune_heads
+from skeleton.localize import backbone_flops, layer_parts, prune_ffn, prune_heads
 from skeleton.prompt import PromptTunedModel
 
 TRUNCATION_POLICIES = ("truncate", "reject")
@@ -81,6 +81,10 @@ def _storages(tensors) -> dict[int, int]:
     for t in tensors:
         out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return out
+
+
+def _ffn_modules(backbone: nn.Module) -> list[nn.Module]:
+    return [m for p in layer_parts(backbone) for m in (p.up, p.gate, p.down) if m is not None]
 
 
 def _module_tensors(module: nn.Module):
@@ -208,14 +212,20 @@ class MultiTaskModel:
         max_length: int = 128,
         truncation: str = "truncate",
         prune: bool = True,
+        release_dense_ffn: bool = False,
     ):
         """`backbone` names the dense weights (as in skeleton.json); `seed` only matters for
         `tiny:` random backbones. Inputs longer than `max_length` tokens are cut (`truncate`) or
         refused (`reject`). `prune=False` runs every task on the dense backbone itself with its own
-        prompt and head: the baseline a user without skeletons would serve."""
+        prompt and head: the baseline a user without skeletons would serve. `release_dense_ffn`
+        frees the dense FFN weights once the tasks hold their slices (they are the part no task
+        shares); a later registration then reads them again from the backbone source, checked by
+        hash."""
         if truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation={truncation!r}; choose one of {TRUNCATION_POLICIES}")
         self.backbone_name = backbone
+        self.seed = seed
+        self.release_dense_ffn = release_dense_ffn and prune
         self.device = torch.device(device)
         self.dense = load_backbone(backbone, seed=seed).eval()
         self.sha256 = weights_hash(self.dense)
@@ -229,6 +239,8 @@ class MultiTaskModel:
         self.tasks: dict[str, TaskEntry] = {}
         self._lock = threading.Lock()  # registration vs registration; predictions read a snapshot
         self._dense_flops = backbone_flops(self.dense, 128)["total"]
+        self._ffn_released = False
+        self._dense_bytes = sum(_storages(_module_tensors(self.dense)).values())
 
     @classmethod
     def from_artifacts(cls, paths, *, backbone: str | None = None, **kwargs) -> MultiTaskModel:
@@ -267,9 +279,42 @@ class MultiTaskModel:
         with self._lock:
             if name in self.tasks:
                 raise ValueError(f"a task named {name!r} is already registered; unregister it first")
-            entry = self._build(path, meta, name)
+            self._restore_dense_ffn()
+            try:
+                entry = self._build(path, meta, name)
+            finally:
+                if self.release_dense_ffn:
+                    self._release_dense_ffn()
             self.tasks = {**self.tasks, name: entry}
         return entry
+
+    # ---- the dense FFN: needed only to cut new slices from ----
+    def _release_dense_ffn(self) -> None:
+        """Point the dense FFN modules at empty tensors; views keep whatever slices they own."""
+        for m in _ffn_modules(self.dense):
+            for key in ("weight", "bias"):
+                old = getattr(m, key, None)
+                if old is not None:
+                    empty = old.new_empty((0,) * old.dim())
+                    setattr(m, key, nn.Parameter(empty, requires_grad=False))
+        self._ffn_released = True
+
+    def _restore_dense_ffn(self) -> None:
+        """Read the dense FFN weights again from the backbone source, refusing other weights."""
+        if not self._ffn_released:
+            return
+        fresh = load_backbone(self.backbone_name, seed=self.seed)
+        found = weights_hash(fresh)
+        if found != self.sha256:
+            raise BackboneMismatchError(
+                f"{self.backbone_name!r} now has weights sha256 {found}, not the {self.sha256} this server "
+                "started with: it changed on disk; restart the server"
+            )
+        for mine, theirs in zip(_ffn_modules(self.dense), _ffn_modules(fresh.to(self.device))):
+            for key in ("weight", "bias"):
+                if getattr(theirs, key, None) is not None:
+                    setattr(mine, key, nn.Parameter(getattr(theirs, key).detach(), requires_grad=False))
+        self._ffn_released = False
 
     def _build(self, path: Path, meta: dict, name: str) -> TaskEntry:
         try:
@@ -372,21 +417,23 @@ class MultiTaskModel:
         """Tensor bytes: the shared backbone, each task's own part, and the totals against N separate
         pruned models and N dense models (each with its prompt and head)."""
         shared = _storages(_module_tensors(self.dense))
-        tasks, pruned_alone = {}, 0
+        tasks, pruned_alone, resident = {}, 0, dict(shared)
         for name, entry in self.tasks.items():
             own = _storages(_module_tensors(entry.model))
             tasks[name] = sum(b for ptr, b in own.items() if ptr not in shared)
             pruned_alone += sum(own.values())
+            resident.update(own)
         trained = sum(sum(_storages([*e.model.prompt.parameters(), *e.model.head.parameters()]).values())
                       for e in self.tasks.values())  # fmt: skip
-        dense = sum(shared.values())
+        dense = self._dense_bytes
         return {
-            "shared_bytes": dense,
+            "shared_bytes": sum(shared.values()),
             "task_bytes": tasks,
-            "total_bytes": dense + sum(tasks.values()),
+            "total_bytes": sum(resident.values()),  # each storage once
             "separate_pruned_bytes": pruned_alone,
             "separate_dense_bytes": len(self.tasks) * dense + trained,
             "dense_model_bytes": dense,
+            "dense_ffn_released": self._ffn_released,
         }
 
 

@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", choices=("truncate", "reject"), default="truncate")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--dense", action="store_true", help="baseline: every task on the dense weights")
+    p.add_argument(
+        "--keep-dense-ffn",
+        action="store_true",
+        help="keep the dense FFN weights resident (default: freed once sliced, re-read to register)",
+    )
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -263,6 +268,7 @@ def build_replicas(args) -> Replicas:
             max_length=args.max_length,
             truncation=args.truncation,
             prune=not args.dense,
+            release_dense_ffn=not args.keep_dense_ffn,
         )
         for path in args.paths:
             model.register(path)
