@@ -347,3 +347,10 @@ def test_released_dense_ffn_is_read_again_for_a_new_task(skeletons, multitask):
         lean.predict("rte", pair)[0]["scores"] == reference_logits(skeletons["rte"], "rte", pair)[0].tolist()
     )
     assert lean.memory()["dense_ffn_released"]
+
+
+def test_cli_refuses_two_artifacts_of_one_task(skeletons, capsys):
+    from skeleton.serve.server import main
+
+    assert main([str(skeletons["sst2"]), str(skeletons["other"])]) == 2
+    assert "two artifacts for task 'sst2'" in capsys.readouterr().err

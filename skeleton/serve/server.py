@@ -250,12 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_duplicate_tasks(paths) -> None:
+    """Two artifacts of one task (say a sweep's psi=1 and psi=2 runs) would share a name: say so."""
+    from skeleton.export import read_meta
+
+    seen: dict[str, str] = {}
+    for path in paths:
+        task = read_meta(path)["task"]
+        if task in seen:
+            raise ValueError(
+                f"two artifacts for task {task!r}: {seen[task]} and {path}. Pass one per task (e.g. "
+                f"'*psi=1,task={task}'), then add others under their own name with POST /tasks "
+                '{"path": ..., "name": ...}'
+            )
+        seen[task] = str(path)
+
+
 def build_replicas(args) -> Replicas:
     from skeleton.export import read_meta
     from skeleton.serve.multitask import MultiTaskModel
 
     if not args.paths and not args.backbone:
         raise SystemExit("skeleton-serve: error: pass skeleton folders, or --backbone to start empty")
+    _refuse_duplicate_tasks(args.paths)
     meta = read_meta(args.paths[0]) if args.paths else None
     backbone = args.backbone or meta["backbone"]["name_or_path"]
     seed = meta["model"].get("seed", 0) if meta else args.seed
