@@ -244,14 +244,18 @@ class MultiTaskModel:
 
     @classmethod
     def from_artifacts(cls, paths, *, backbone: str | None = None, **kwargs) -> MultiTaskModel:
-        """Load the backbone named by the first artifact (or `backbone`) and register every path."""
+        """Load the backbone named by the first artifact (or `backbone`) and register every path;
+        with `release_dense_ffn`, the dense FFN is freed once, after the last of them."""
         paths = list(paths)
         if not paths:
             raise ValueError("pass at least one skeleton artifact or run folder")
         meta = read_meta(paths[0])
+        release = kwargs.pop("release_dense_ffn", False)
         model = cls(backbone or meta["backbone"]["name_or_path"], seed=meta["model"].get("seed", 0), **kwargs)
         for path in paths:
             model.register(path)
+        if release:
+            model.free_dense_ffn()
         return model
 
     # ---- limits ----
@@ -289,6 +293,13 @@ class MultiTaskModel:
         return entry
 
     # ---- the dense FFN: needed only to cut new slices from ----
+    def free_dense_ffn(self) -> None:
+        """Free the dense FFN weights now and after every later registration (which re-reads them)."""
+        if self.prune:
+            self.release_dense_ffn = True
+            with self._lock:
+                self._release_dense_ffn()
+
     def _release_dense_ffn(self) -> None:
         """Point the dense FFN modules at empty tensors; views keep whatever slices they own."""
         for m in _ffn_modules(self.dense):

@@ -285,10 +285,11 @@ def build_replicas(args) -> Replicas:
             max_length=args.max_length,
             truncation=args.truncation,
             prune=not args.dense,
-            release_dense_ffn=not args.keep_dense_ffn,
         )
         for path in args.paths:
             model.register(path)
+        if not args.keep_dense_ffn and args.paths:
+            model.free_dense_ffn()  # once, after the startup tasks: each re-read costs RSS
         models.append(model)
     return Replicas(models)
 
