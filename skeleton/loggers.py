@@ -105,13 +105,16 @@ def log_summary(loggers: list, run: RunSummary, step: int) -> None:
 
 
 def _log_all(logger, flat: dict, run: RunSummary, step: int) -> None:
-    logger.log_metrics(flat, step=step)
-    if isinstance(logger, WandbLogger):
-        log_to_wandb(logger.experiment, run)
-    logger.finalize("success")
-    if isinstance(logger, WandbLogger):
-        # Lightning leaves the W&B run open; the next run of a sweep in this process would log into it
-        logger.experiment.finish()
+    try:
+        logger.log_metrics(flat, step=step)
+        if isinstance(logger, WandbLogger):
+            log_to_wandb(logger.experiment, run)
+        logger.finalize("success")
+    finally:
+        if isinstance(logger, WandbLogger):
+            # Lightning leaves the W&B run open (also when an upload failed); the next run of a sweep
+            # in this process would log into it
+            finish_wandb(exit_code=0)
 
 
 def finish_wandb(exit_code: int) -> None:
