@@ -30,7 +30,7 @@ from skeleton.export import (
     read_tensors,
     resolve_artifact,
 )
-from skeleton.localize import backbone_flops, layer_parts, prune_ffn, prune_heads
+from skeleton.localize import backbone_flops, check_adapter, layer_parts, prune_ffn, prune_heads
 from skeleton.predict import prediction_record
 from skeleton.prompt import PromptTunedModel
 
@@ -228,6 +228,7 @@ class MultiTaskModel:
         self.release_dense_ffn = release_dense_ffn and prune
         self.device = torch.device(device)
         self.dense = load_backbone(backbone, seed=seed).eval()
+        check_adapter(self.dense)  # the family's FFN and heads are found, masked and sliced correctly
         self.sha256 = weights_hash(self.dense)
         self.dense.to(self.device)
         for p in self.dense.parameters():
