@@ -294,7 +294,7 @@ def test_too_long_text_is_truncated_and_said_so(server, skeletons):
 @pytest.mark.parametrize(
     "which, status, needle",
     [
-        ("corrupt", 422, "cannot be read"),
+        ("corrupt", 422, "is unreadable"),
         ("other", 409, "sha256"),
         ("missing", 422, "does not exist"),
     ],
