@@ -23,6 +23,7 @@ from skeleton.data import TokenizedSplit, collator_for, tokenize
 from skeleton.evaluate import to_device
 from skeleton.export import tokenizer_for
 from skeleton.tasks import DataFormatError, encode_label, read_split
+from skeleton.tasks.readers import json_object
 
 STDIN = "-"
 # Fields a prediction row may leave out: the gold label, MultiRC's ids, ReCoRD's answers and spans.
@@ -112,18 +113,8 @@ def parse_text(spec, text: str, where: str) -> list[dict]:
     tab-separated when the task takes several fields."""
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if lines and lines[0][1].lstrip().startswith("{"):
-        return [as_row(spec, _json_object(line, f"{where}:{n}"), i) for i, (n, line) in enumerate(lines)]
+        return [as_row(spec, json_object(line, f"{where}:{n}"), i) for i, (n, line) in enumerate(lines)]
     return [as_row(spec, tuple(line.split("\t")), i) for i, (_, line) in enumerate(lines)]
-
-
-def _json_object(line: str, where: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def prediction_record(spec, index: int, row: dict, n_choices: int, logits: torch.Tensor) -> dict:

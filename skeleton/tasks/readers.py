@@ -116,6 +116,17 @@ def read_tsv(spec: TaskSpec, path: Path) -> list[dict]:
     return rows
 
 
+def json_object(line: str, where: str) -> dict:
+    """One JSON-lines record, or a DataFormatError naming ``where`` (file:line) and what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def read_jsonl(spec: TaskSpec, path: Path) -> list[dict]:
     """SuperGLUE JSONL, one official record per line, flattened to hub rows by `spec.flatten`."""
     rows: list[dict] = []
@@ -124,12 +135,7 @@ def read_jsonl(spec: TaskSpec, path: Path) -> list[dict]:
             if not line.strip():
                 continue
             where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, where)
             try:
                 flat = list(spec.flatten(record)) if spec.flatten else [dict(record)]
             except (KeyError, TypeError) as e:
