@@ -241,21 +241,15 @@ def finished(tmp_path_factory):
     return tmp
 
 
-def test_a_truncated_artifact_tensor_file_is_named_with_the_fix(finished, tmp_path):
+@pytest.mark.parametrize(("name", "keep"), [("skeleton.safetensors", 100), ("skeleton.json", 40)])
+def test_a_truncated_artifact_file_is_named_with_the_fix(finished, tmp_path, name, keep):
     artifact = tmp_path / "skeleton"
     shutil.copytree(finished / "run" / "skeleton", artifact)
-    tensors = artifact / "skeleton.safetensors"
-    tensors.write_bytes(tensors.read_bytes()[:100])
-    with pytest.raises(ArtifactError, match=rf"{tensors}.*truncated or corrupt.*re-export the skeleton"):
-        load_skeleton(artifact)
-
-
-def test_a_truncated_artifact_json_is_named_with_the_fix(finished, tmp_path):
-    artifact = tmp_path / "skeleton"
-    shutil.copytree(finished / "run" / "skeleton", artifact)
-    meta = artifact / "skeleton.json"
-    meta.write_text(meta.read_text()[:40])
-    with pytest.raises(ArtifactError, match=rf"{meta} is unreadable.*re-export the skeleton"):
+    target = artifact / name
+    target.write_bytes(target.read_bytes()[:keep])
+    with pytest.raises(
+        ArtifactError, match=rf"{target} is unreadable.*truncated or corrupt.*re-export the skeleton"
+    ):
         load_skeleton(artifact)
 
 
