@@ -161,7 +161,6 @@ def reuse_prompt(cache: PromptCache, model, datamodule, trainer, skeleton: Skele
     """Skip training: load the converged prompt (and scores, if cached) and run the Skeleton step."""
     meta = cache.load_prompt(model)
     print(f"reusing the converged prompt {cache.prompt_key} from {cache.folder} (no training)")
-    datamodule.setup("fit")
     skeleton.run(trainer, model, datamodule)
     return {**meta.get("train", {}), "reused_prompt": cache.prompt_key}
 
