@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from skeleton import runs
 from skeleton.export import ArtifactError, load_skeleton
@@ -283,3 +284,32 @@ def test_checks_that_fail_are_recorded_beside_the_run(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0 and "criterion='foo' is unknown" in done.stderr + done.stdout
     assert "criterion='foo'" in json.loads((run_dir / runs.ERROR).read_text())["message"]
+
+
+def test_an_unknown_wandb_mode_is_named_before_anything_runs():
+    from skeleton.loggers import wandb_mode
+
+    with pytest.raises(
+        LoggerConfigError, match=r"logger\.wandb\.mode='onlin' is unknown; choose one of: auto, online"
+    ):
+        wandb_mode("onlin")
+
+
+def test_a_missing_artifact_tensor_file_is_named_with_the_fix(finished, tmp_path):
+    artifact = tmp_path / "skeleton"
+    shutil.copytree(finished / "run" / "skeleton", artifact)
+    (artifact / "skeleton.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"skeleton\.safetensors is missing.*re-export the skeleton"):
+        load_skeleton(artifact)
+
+
+def test_head_pruning_on_scores_without_heads_names_the_fix():
+    """Scores handed to the pipeline (a cache, a notebook) may lack heads even when the config asks."""
+    from skeleton.localize import Scores
+    from skeleton.localize.config import SkeletonConfig
+    from skeleton.pipeline import heads_to_keep
+
+    cfg = SkeletonConfig.from_dict({"attribution": {"heads": True}, "pruning": {"head_rate": 0.25}})
+    scores = Scores(ffn=[torch.rand(8)], heads=None, num_instances=1, meta={})
+    with pytest.raises(ValueError, match=r"needs head scores: set skeleton\.attribution\.heads=true"):
+        heads_to_keep(scores, cfg)
