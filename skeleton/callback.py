@@ -21,9 +21,10 @@ from skeleton.recovery import trainer_recovery
 
 
 class SkeletonCallback(Callback):
-    def __init__(self, config: SkeletonConfig | None = None, cache=None):
+    def __init__(self, config: SkeletonConfig | None = None, cache=None, cost_cache: str | None = None):
         self.config = config or SkeletonConfig()
         self.cache = cache  # a skeleton.reuse.PromptCache: prompt + scores shared across margins
+        self.cost_cache = cost_cache  # folder for measured latency models (paths.cache_dir)
         self.result: SkeletonResult | None = None
         self.fit_ended_at: float | None = None
 
@@ -49,6 +50,7 @@ class SkeletonCallback(Callback):
             reduce=_sum_over_ranks(trainer),
             recover=trainer_recovery(datamodule, self.config.recovery, trainer),
             report=reporter(trainer),
+            cost_cache=self.cost_cache,
         )
         if self.result.scored and self.cache is not None and trainer.is_global_zero:
             self.cache.save_scores(self.result.scores)
@@ -72,6 +74,12 @@ def log_result(trainer: L.Trainer, result: SkeletonResult) -> None:
         "skeleton/attribution_s": out.seconds["attribution"],
         "skeleton/search_s": out.seconds["search"],
     }
+    if out.modelled_speedup is not None:
+        metrics["skeleton/modelled_speedup"] = out.modelled_speedup
+    for split, drop in out.drops.items():
+        metrics[f"skeleton/{split}_drop"] = drop["drop"]
+        if drop.get("se") is not None:
+            metrics[f"skeleton/{split}_drop_se"] = drop["se"]
     for stage, measured in (("dense", result.dense), ("pruned", out.pruned)):
         metrics[f"skeleton/{stage}_search"] = measured.search[headline]
         metrics[f"skeleton/{stage}_dev"] = measured.dev[headline]

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from skeleton.bench import measure_speedup
+from skeleton.bench import first_examples, measure_speedup
 from skeleton.evaluate import evaluate, is_degenerate
 from skeleton.localize import (
     Scores,
     backbone_flops,
     count_parameters,
     ffn_widths,
-    masked_evaluator,
+    heads_per_layer,
+    masked,
     prune_ffn,
     prune_heads,
     score_iteratively,
@@ -38,8 +39,11 @@ from skeleton.localize import (
     select_heads,
     select_neurons,
 )
-from skeleton.localize.config import SkeletonConfig, rounds_of
+from skeleton.localize.config import Acceptance, SkeletonConfig, Units, rounds_of
+from skeleton.localize.cost import CostModel, cached_cost_model
+from skeleton.localize.joint import ranking_keys, score_jointly, select_units, unit_table
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
+from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_loader
 
 Report = Callable[[str], None]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -92,36 +96,46 @@ def run_skeleton(
     reduce: Reduce | None = None,
     recover: Callable[[nn.Module], None] | None = None,
     report: Report = print,
+    cost_cache: str | None = None,
 ) -> SkeletonResult:
     """Localize, prune ``model.backbone`` in place, and measure what that bought. ``shard`` is
-    (rank, world size); ``recover(model)`` tunes prompt + head again when ``cfg.recovery.steps > 0``."""
+    (rank, world size); ``recover(model)`` tunes prompt + head again when ``cfg.recovery.steps > 0``;
+    ``cost_cache`` is the folder measured latency models are kept in (None: measured every run)."""
     if cfg.recovery.steps > 0 and recover is None:
         raise ValueError(
             "skeleton.recovery.steps > 0 needs recover=... (see skeleton.recovery.trainer_recovery)"
         )
     headline = model.task.headline
     warnings: list[str] = []
-    dense = measure_dense(model, data, warnings, report)
+    dense, dense_preds = measure_dense(model, data, warnings, report)
     identity, before = model.backbone_identity(), shape_report(model.backbone)
 
     started = time.perf_counter()
+    cost = cost_model(model, data, cfg, cost_cache, report)
+    joint = cfg.pruning.units == Units.JOINT
+    table = unit_table(model.backbone, cost) if joint else None
+    if scores is not None and joint and (scores.meta or {}).get("cost") != cost.to_dict():
+        scores = None  # scores ranked under another latency model (re-measured, other shape): rescore
     scored = scores is None
     if scored:
-        scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report)
+        scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report, table=table)
+    if joint:
+        scores.meta["cost"] = cost.to_dict()
     attribution_s = time.perf_counter() - started
     report(
-        f"attribution ({cfg.attribution.criterion}) over {scores.num_instances} instances: {attribution_s:.1f}s"
+        f"attribution ({cfg.attribution.criterion}) over {scores.num_instances} instances"
+        f" ({scores.meta.get('rounds', 1)} passes): {attribution_s:.1f}s"
     )
 
     started = time.perf_counter()
-    keep_heads = heads_to_keep(scores, cfg)
-    rate, curve = search_rate(model, data, scores, keep_heads, dense, cfg, warnings, report)
+    select = selector(model.backbone, scores, cfg, table)
+    rate, curve, points = search_rate(model, data, select, cost, dense, dense_preds, cfg, warnings, report)
     search_s = time.perf_counter() - started
 
-    keep_ffn = neurons_to_keep(scores, rate, cfg)
+    keep_ffn, keep_heads = select(rate)
     dense_backbone = copy.deepcopy(model.backbone)
     prune(model.backbone, keep_ffn, keep_heads)
-    pruned = measure(model, data)
+    pruned, pruned_preds = measure(model, data)
     latency = measure_speedup(model, dense_backbone, data.dev_dataloader(), cfg.benchmark)
     del dense_backbone
     if not latency["reliable"]:
@@ -131,9 +145,16 @@ def run_skeleton(
         )
         report(f"WARNING: {warnings[-1]}")
     after = shape_report(model.backbone)
+    drops = {
+        split: drop_of(model.task, headline, dense_preds[split], pruned_preds[split], cfg).to_dict()
+        for split in ("search", "dev")
+    }
+    modelled = cost.speedup(after["widths"], after["heads"])
     report(
-        f"pruned {headline}: search {pruned.search[headline]:.4f}, dev {pruned.dev[headline]:.4f}; FFN kept "
-        f"{sum(after['widths'])}/{sum(before['widths'])}; speedup x{latency['speedup']:.2f}"
+        f"pruned {headline}: search {pruned.search[headline]:.4f}, dev {pruned.dev[headline]:.4f} (dev drop "
+        f"{drops['dev']['drop']:.2f} +- {drops['dev']['se'] or 0:.2f} points); FFN kept "
+        f"{sum(after['widths'])}/{sum(before['widths'])}, heads kept {sum(after['heads'])}/{sum(before['heads'])}; "
+        f"speedup x{latency['speedup']:.2f} (modelled x{modelled:.2f})"
     )
 
     seconds = {"attribution": round(attribution_s, 2), "search": round(search_s, 2)}
@@ -158,37 +179,78 @@ def run_skeleton(
         degenerate=DEGENERATE in warnings,
         criterion=str(cfg.attribution.criterion),
         skeleton_config=cfg.to_dict(),
+        units=str(cfg.pruning.units),
+        heads={"kept": after["heads"], "dense": before["heads"]},
+        search_points=points,
+        drops=drops,
+        cost_model=cost.to_dict(),
+        modelled_speedup=round(modelled, 4),
     )
     return SkeletonResult(outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored)
 
 
 # ---- the steps -----------------------------------------------------------------------------------
-def measure(model: nn.Module, data, logits: list | None = None) -> Measured:
-    """Every metric of the task on the search split and on dev."""
-    return Measured(
-        search=evaluate(model, data.search_dataloader(), logits), dev=evaluate(model, data.dev_dataloader())
-    )
+def measure(model: nn.Module, data) -> tuple[Measured, dict]:
+    """Every metric of the task on the search split and on dev, and the predictions behind them (for the
+    paired standard errors of a drop)."""
+    metrics, preds = {}, {}
+    for split, loader in (("search", data.search_dataloader()), ("dev", data.dev_dataloader())):
+        preds[split] = collect(model, loader)
+        if isinstance(preds[split], Predictions):
+            metrics[split] = score(model.task, preds[split])
+        else:  # batches that cannot be stacked (ReCoRD): whole-split metrics only
+            metrics[split] = evaluate(model, loader)
+    return Measured(search=metrics["search"], dev=metrics["dev"]), preds
 
 
-def measure_dense(model: nn.Module, data, warnings: list[str], report: Report) -> Measured:
+def measure_dense(model: nn.Module, data, warnings: list[str], report: Report) -> tuple[Measured, dict]:
     """The dense scores that psi is measured from; flags a model that has learned nothing."""
-    logits: list = []
-    dense = measure(model, data, logits)
+    dense, preds = measure(model, data)
+    search = preds["search"]
+    logits = [search.logits] if isinstance(search, Predictions) else search
     if is_degenerate(logits, model.task.formulation):
         warnings.append(DEGENERATE)
         report(f"WARNING: {DEGENERATE}")
     headline = model.task.headline
     report(f"dense {headline}: search {dense.search[headline]:.4f}, dev {dense.dev[headline]:.4f}")
-    return dense
+    return dense, preds
+
+
+def drop_of(task, headline: str, dense, pruned, cfg: SkeletonConfig) -> Drop:
+    if not isinstance(dense, Predictions) or not isinstance(pruned, Predictions):
+        return Drop(float("nan"), None, 0)
+    return paired_drop(task, headline, dense, pruned, resamples=cfg.search.resamples)
 
 
 def shape_report(backbone: nn.Module) -> dict:
-    """FFN widths, parameter counts and FLOPs per sequence: the before/after of pruning."""
+    """FFN widths, head counts, parameter counts and FLOPs per sequence: the before/after of pruning."""
     return {
         "widths": ffn_widths(backbone),
+        "heads": heads_per_layer(backbone),
         "params": count_parameters(backbone),
         "flops": float(backbone_flops(backbone, FLOPS_SEQ_LEN)["total"]),
     }
+
+
+def deployment_shape(model: nn.Module, data, cfg: SkeletonConfig) -> tuple[int, int]:
+    """(batch size, tokens incl. the prompt) the speed is for: what ``measure_speedup`` times unless set."""
+    batch_size = cfg.cost.batch_size or cfg.benchmark.batch_size
+    if cfg.cost.seq_len:
+        return batch_size, cfg.cost.seq_len
+    batches = list(data.dev_dataloader())
+    middle = first_examples(batches[len(batches) // 2], batch_size) if batches else None
+    tokens = middle["input_ids"].shape[1] if middle is not None else 128
+    prompt = getattr(getattr(model, "prompt", None), "num_tokens", 0)
+    return batch_size, int(tokens + prompt)
+
+
+def cost_model(model: nn.Module, data, cfg: SkeletonConfig, cache_dir, report: Report) -> CostModel:
+    batch_size, seq_len = deployment_shape(model, data, cfg)
+    cost = cached_cost_model(
+        model.backbone, batch_size, seq_len, kind=str(cfg.cost.model), cache_dir=cache_dir, report=report
+    )
+    report(cost.summary())
+    return cost
 
 
 def score_model(
@@ -199,9 +261,11 @@ def score_model(
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce | None = None,
     report: Report = print,
+    table=None,
 ) -> Scores:
     """Attribution over this rank's share of the sample (sums reduced over ranks). Iterative attribution
-    scores once per round under the mask of the rounds before."""
+    scores once per round under the mask of the rounds before; with a unit ``table`` (joint ranking) the
+    rounds mask heads and neurons by score per cost and stop once the ranking settles."""
     rank, world = shard
     opts = cfg.attribution
 
@@ -221,9 +285,23 @@ def score_model(
             reduce_fn=reduce,
         )
 
-    if not opts.iterative:
+    rounds = rounds_of(opts.iterative_step, opts.iterative_until) if opts.iterative else []
+    eta = Eta(len(rounds) + 1, done=1)  # a pass per round
+    if table is not None:
+        if not rounds:
+            return score_once()
+        return score_jointly(
+            score_once,
+            model.backbone,
+            table,
+            rounds=rounds,
+            stop_overlap=opts.iterative_stop,
+            progress=lambda rate, note: report(
+                f"  attribution re-scored with {rate:.0%} of the cost masked{note} ({eta.step()})"
+            ),
+        )
+    if not rounds:
         return score_once()
-    eta = Eta(len(rounds_of(opts.iterative_step, opts.iterative_until)) + 1, done=1)  # a pass per round
     return score_iteratively(
         score_once,
         model.backbone,
@@ -235,8 +313,8 @@ def score_model(
 
 
 def heads_to_keep(scores: Scores, cfg: SkeletonConfig) -> list | None:
-    """Heads kept at the fixed ``pruning.head_rate`` (None: no head pruning). Chosen before the search,
-    which masks them at every rate: the margin covers heads and neurons together."""
+    """units=ffn: heads kept at the fixed ``pruning.head_rate`` (None: no head pruning). Chosen before
+    the search, which masks them at every rate: the margin covers heads and neurons together."""
     if cfg.pruning.head_rate <= 0:
         return None
     if scores.heads is None:
@@ -251,66 +329,174 @@ def neurons_to_keep(scores: Scores, rate: float, cfg: SkeletonConfig) -> list[to
     return select_neurons(scores, rate, scope=p.scope, min_per_layer=p.min_per_layer, round_to=p.round_to)
 
 
+Select = Callable[[float], tuple[list[torch.Tensor], list | None]]
+
+
+def selector(backbone: nn.Module, scores: Scores, cfg: SkeletonConfig, table) -> Select:
+    """rate -> (kept neurons, kept heads): for units=joint the rate is the fraction of the units' modelled
+    cost removed; for units=ffn the fraction of FFN neurons, with heads fixed at ``head_rate``."""
+    p = cfg.pruning
+    if table is not None:
+        keys = ranking_keys(scores, table)
+        return lambda rate: select_units(
+            keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to
+        )
+    keep_heads = heads_to_keep(scores, cfg)
+    return lambda rate: (neurons_to_keep(scores, rate, cfg), keep_heads)
+
+
+@dataclass
+class _Split:
+    """A part of the search split: its loader, the dense predictions and the dense headline score."""
+
+    loader: object
+    dense: object
+    base: float
+
+
+def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split, _Split | None]:
+    """The split the search evaluates on and the one that confirms its rate (acceptance=confirm)."""
+    loader = data.search_dataloader()
+    headline = model.task.headline
+    whole = dense_preds["search"]
+    if cfg.search.acceptance != Acceptance.CONFIRM:
+        base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
+        return _Split(loader, whole, base), None
+    seed = getattr(getattr(model, "hparams", None), "seed", 0)
+    parts = []
+    for part in split_loader(loader, cfg.search.confirm_fraction, seed):
+        preds = collect(model, part)
+        base = score(model.task, preds)[headline] if isinstance(preds, Predictions) else evaluate(model, part)[headline]
+        parts.append(_Split(part, preds, base))
+    return parts[0], parts[1]
+
+
 def search_rate(
     model: nn.Module,
     data,
-    scores: Scores,
-    keep_heads: list | None,
+    select: Select,
+    cost: CostModel,
     dense: Measured,
+    dense_preds: dict,
     cfg: SkeletonConfig,
     warnings: list[str],
     report: Report,
-) -> tuple[float, list[list[float]]]:
-    """The largest rate whose search score stays within psi of the dense one, on reversible masks."""
-    headline, loader = model.task.headline, data.search_dataloader()
-    p, s = cfg.pruning, cfg.search
-    evaluate_rate = masked_evaluator(
-        model.backbone,
-        scores,
-        lambda: evaluate(model, loader)[headline],
-        scope=p.scope,
-        min_per_layer=p.min_per_layer,
-        round_to=p.round_to,
-        head_keep=keep_heads,
-    )
-    base = dense.search[headline]
-    if keep_heads is not None:
-        heads_only = evaluate_rate(0.0)
-        if heads_only < base - cfg.margin:
+) -> tuple[float, list[list[float]], list[dict]]:
+    """The largest rate whose search score stays within psi under the acceptance rule, on reversible
+    masks. For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
+    (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict."""
+    headline, s, margin = model.task.headline, cfg.search, cfg.margin
+    search, confirm = search_splits(model, data, dense_preds, cfg)
+    if search.base is None:
+        search.base = dense.search[headline]
+    points: dict[float, dict] = {}
+    fixed_heads = cfg.pruning.units == Units.FFN and cfg.pruning.head_rate > 0
+
+    def evaluate_on(split: _Split, rate: float) -> tuple[float, Drop | None]:
+        keep_ffn, keep_heads = select(rate)
+        with masked(model.backbone, keep_ffn, keep_heads):
+            preds = collect(model, split.loader)
+        if not isinstance(preds, Predictions):
+            with masked(model.backbone, keep_ffn, keep_heads):
+                return evaluate(model, split.loader)[headline], None
+        value = score(model.task, preds)[headline]
+        drop = None
+        if s.acceptance == Acceptance.PAIRED_SE:
+            drop = paired_drop(model.task, headline, split.dense, preds, resamples=s.resamples)
+        return value, drop
+
+    def point(rate: float) -> dict:
+        keep_ffn, keep_heads = select(rate)
+        widths = [len(k) for k in keep_ffn]
+        heads = [len(k) for k in keep_heads] if keep_heads is not None else None
+        return {
+            "rate": rate,
+            "ffn_kept": sum(widths),
+            "heads_kept": sum(heads) if heads is not None else sum(cost.dense_heads),
+            "modelled": round(cost.latency(widths, heads), 4),
+            "modelled_speedup": round(cost.speedup(widths, heads), 4),
+        }
+
+    def evaluate_rate(rate: float) -> float:
+        value, drop = evaluate_on(search, rate)
+        points[rate] = {**point(rate), "score": value, "drop": round((search.base - value) * 100, 3)}
+        if drop is not None:
+            points[rate]["se"] = round((drop.se or 0.0) * 100, 3)
+        return value
+
+    def accept(rate: float, value: float) -> bool:
+        drop = search.base - value
+        if s.acceptance == Acceptance.PAIRED_SE:
+            drop += s.z * (points[rate].get("se", 0.0) / 100)
+        ok = drop <= margin + 1e-12
+        points[rate]["accepted"] = ok
+        return ok
+
+    if fixed_heads:
+        heads_only, _ = evaluate_on(search, 0.0)
+        if heads_only < search.base - margin:
             warnings.append(
-                f"pruning.head_rate={p.head_rate} alone drops the search {headline} to {heads_only:.4f} "
-                f"(dense {base:.4f}), beyond psi={cfg.psi}: lower skeleton.pruning.head_rate"
+                f"pruning.head_rate={cfg.pruning.head_rate} alone drops the search {headline} to {heads_only:.4f} "
+                f"(dense {search.base:.4f}), beyond psi={cfg.psi}: lower skeleton.pruning.head_rate"
             )
             report(f"WARNING: {warnings[-1]}")
     # a binary search over the grid plus the lookahead: the usual number of evaluations, not a bound
     eta = Eta(math.ceil(math.log2(math.floor(s.max_rate / s.granularity + 1e-9) + 1)) + s.lookahead)
     found = search_pruning_rate(
         evaluate_rate,
-        base,
-        cfg.margin,
+        search.base,
+        margin,
         granularity=s.granularity,
         max_rate=s.max_rate,
         lookahead=s.lookahead,
-        progress=lambda r, score, ok: report(
-            f"  rate {r:.2f}: {headline} {score:.4f} {'ok' if ok else 'over margin'} (~{eta.step()})"
+        accept=accept,
+        progress=lambda r, value, ok: report(
+            f"  rate {r:.2f}: {headline} {value:.4f} {'ok' if ok else 'over margin'}, modelled "
+            f"x{points[r]['modelled_speedup']:.2f} (~{eta.step()})"
         ),
     )
+    rate = found.rate
+    if confirm is not None:
+        rate = confirm_rate(confirm, points, rate, evaluate_on, margin, headline, report)
+    unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
+    chosen = point(rate)
     report(
-        f"search: largest rate within psi={cfg.psi} points is {found.rate:.2f} ({found.evaluations} evaluations)"
+        f"search: {rate:.2f} {unit} within psi={cfg.psi} points ({found.evaluations} evaluations, "
+        f"acceptance={s.acceptance}): modelled {cost.dense:.3g} -> {chosen['modelled']:.3g} {cost.unit} "
+        f"(x{chosen['modelled_speedup']:.2f}), {chosen['ffn_kept']} neurons and {chosen['heads_kept']} heads kept"
     )
-    return found.rate, [list(point) for point in found.curve]
+    if rate in points:
+        points[rate]["chosen"] = True
+    return rate, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
+
+
+def confirm_rate(confirm: _Split, points: dict, rate: float, evaluate_on, margin, headline, report) -> float:
+    """The largest rate the search accepted that the held-back part also keeps within psi: the search
+    part chose among many rates, so its best one is optimistic; the other part has not been looked at."""
+    for candidate in sorted((r for r, p in points.items() if p.get("accepted") and r <= rate), reverse=True):
+        value, _ = evaluate_on(confirm, candidate)
+        ok = confirm.base - value <= margin + 1e-12
+        points[candidate].update(confirm_score=value, confirm_drop=round((confirm.base - value) * 100, 3))
+        points[candidate]["confirmed"] = ok
+        report(
+            f"  confirm {candidate:.2f} on the held-back part: {headline} {value:.4f} "
+            f"(dense {confirm.base:.4f}) {'ok' if ok else 'over margin'}"
+        )
+        if ok:
+            return candidate
+    return 0.0
 
 
 def prune(backbone: nn.Module, keep_ffn: list, keep_heads: list | None) -> None:
     prune_ffn(backbone, keep_ffn)
-    if keep_heads is not None:
+    if keep_heads is not None and any(len(k) < h for k, h in zip(keep_heads, heads_per_layer(backbone))):
         prune_heads(backbone, keep_heads)
 
 
 def recover_step(model, data, cfg: SkeletonConfig, recover, report: Report) -> tuple[Measured, float]:
     started = time.perf_counter()
     recover(model)
-    recovered = measure(model, data)
+    recovered, _ = measure(model, data)
     seconds = round(time.perf_counter() - started, 2)
     headline = model.task.headline
     report(

@@ -85,6 +85,15 @@ class SkeletonOutcome:
     degenerate: bool = False  # the dense model gave every search example one answer: the rate means nothing
     recovered: Measured | None = None
     artifact: str | None = None
+    # what was pruned and why (runs made before joint ranking have the defaults)
+    units: str = "ffn"  # "joint": heads and neurons ranked by score per modelled cost
+    heads: dict[str, list[int]] | None = None  # {"kept": per layer, "dense": per layer}
+    # every evaluated point: rate, ffn_kept, heads_kept, modelled, modelled_speedup, score, drop (points),
+    # se, accepted, confirmed, chosen
+    search_points: list[dict[str, Any]] = field(default_factory=list)
+    drops: dict[str, dict[str, Any]] = field(default_factory=dict)  # search/dev: drop, se (points), n
+    cost_model: dict[str, Any] | None = None  # the latency model the ranking and the search used
+    modelled_speedup: float | None = None
 
 
 @dataclass

@@ -95,7 +95,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
     if settings is not None and cfg.get("reuse", True):
         identity = {"data": expected["data"], "backbone_sha256": model.backbone_identity()["sha256"]}
         cache = PromptCache(cfg, cfg.paths.cache_dir, **identity)
-    skeleton = SkeletonCallback(settings, cache) if settings is not None else None
+    skeleton = SkeletonCallback(settings, cache, cfg.paths.cache_dir) if settings is not None else None
     callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
     callbacks += [skeleton] if skeleton is not None else []
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))

@@ -21,7 +21,7 @@ def test_psi_becomes_a_fraction_in_one_place():
 
 
 def test_choices_are_enums_that_read_as_their_strings():
-    cfg = SkeletonConfig.from_dict({"pruning": {"scope": "layer"}})
+    cfg = SkeletonConfig.from_dict({"pruning": {"units": "ffn", "scope": "layer"}})
     assert (
         cfg.pruning.scope is Scope.LAYER
         and cfg.pruning.scope == "layer"
@@ -38,7 +38,19 @@ def test_choices_are_enums_that_read_as_their_strings():
             r"magnitude='foo' is unknown; choose one of: token, instance",
         ),
         ({"pruning": {"head_rate": 1.0}}, r"head_rate=1.0 is invalid"),
-        ({"pruning": {"head_rate": 0.5}}, r"head_rate=0.5 needs head scores"),
+        (
+            {"attribution": {"heads": False}, "pruning": {"units": "ffn", "head_rate": 0.5}},
+            r"head_rate=0.5 needs head scores",
+        ),
+        ({"pruning": {"head_rate": 0.5}}, r"units=joint ranks heads with the neurons"),
+        ({"pruning": {"scope": "layer"}}, r"use scope=global or units=ffn"),
+        ({"attribution": {"heads": False}}, r"units=joint ranks heads with neurons and needs head scores"),
+        ({"search": {"acceptance": "lucky"}}, r"acceptance='lucky' is unknown; choose one of: confirm"),
+        ({"search": {"confirm_fraction": 1.0}}, r"confirm_fraction=1.0 is invalid"),
+        ({"search": {"acceptance": "paired_se", "resamples": 0}}, r"paired_se needs standard errors"),
+        ({"cost": {"model": "guess"}}, r"cost\.model='guess' is unknown; choose one of: measured, flops"),
+        ({"cost": {"seq_len": 0}}, r"cost\.seq_len=0 is invalid"),
+        ({"attribution": {"iterative_stop": 1.5}}, r"iterative_stop=1.5 is invalid"),
         ({"pruning": {"round_to": 0}}, r"round_to=0 is invalid"),
         ({"attribution": {"max_instances": 0}}, r"max_instances=0 is invalid"),
         ({"recovery": {"steps": -1}}, r"recovery\.steps=-1 is invalid"),
@@ -54,5 +66,5 @@ def test_a_bad_value_is_named_with_what_is_allowed(values, named):
 
 
 def test_a_round_trip_through_plain_values_is_exact():
-    cfg = SkeletonConfig.from_dict({"psi": 2, "attribution": {"heads": True}, "pruning": {"head_rate": 0.25}})
+    cfg = SkeletonConfig.from_dict({"psi": 2, "attribution": {"heads": True}, "pruning": {"units": "ffn", "head_rate": 0.25}})
     assert SkeletonConfig.from_dict(cfg.to_dict()) == cfg

@@ -139,13 +139,13 @@ def test_training_time_excludes_the_skeleton_step(tmp_path, monkeypatch):
 def test_head_pruning_without_head_scores_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("built something first"))
     with pytest.raises(ValueError, match=r"skeleton\.attribution\.heads=true"):
-        train(compose_config(["skeleton.pruning.head_rate=0.25"], run_dir=tmp_path / "run"))
+        train(compose_config(["skeleton.pruning.units=ffn", "skeleton.attribution.heads=false", "skeleton.pruning.head_rate=0.25"], run_dir=tmp_path / "run"))
 
 
 def test_head_pruning_with_head_scores_removes_heads(tmp_path):
     summary = train(
         compose_config(
-            ["skeleton.pruning.head_rate=0.25", "skeleton.attribution.heads=true"], run_dir=tmp_path / "run"
+            ["skeleton.pruning.units=ffn", "skeleton.pruning.head_rate=0.25", "skeleton.attribution.heads=true"], run_dir=tmp_path / "run"
         )
     )
     params = summary.skeleton.backbone_params
@@ -156,16 +156,33 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     """The search masks the chosen heads at every rate; a head_rate that alone breaks psi is flagged."""
     import skeleton.pipeline
 
-    seen = {}
+    from contextlib import contextmanager
 
-    def scoring_zero(*args, head_keep=None, **kwargs):
+    from skeleton.uncertainty import Predictions
+
+    seen, inside = {}, []
+    real_masked, real_collect = skeleton.pipeline.masked, skeleton.pipeline.collect
+
+    @contextmanager
+    def recording(backbone, ffn_keep=None, head_keep=None):
         seen["head_keep"] = head_keep
-        return lambda rate: 0.0  # every masked model scores 0: heads alone are beyond any margin
+        with real_masked(backbone, ffn_keep, head_keep):
+            inside.append(True)
+            yield
+            inside.pop()
 
-    monkeypatch.setattr(skeleton.pipeline, "masked_evaluator", scoring_zero)
+    def wrong_when_masked(model, loader):
+        preds = real_collect(model, loader)
+        if inside:  # every masked model answers every example wrongly: heads alone are beyond any margin
+            wrong = (preds.fields["labels"] + 1) % preds.logits.shape[-1]
+            preds = Predictions(torch.nn.functional.one_hot(wrong, preds.logits.shape[-1]).float(), preds.fields)
+        return preds
+
+    monkeypatch.setattr(skeleton.pipeline, "masked", recording)
+    monkeypatch.setattr(skeleton.pipeline, "collect", wrong_when_masked)
     summary = train(
         compose_config(
-            ["skeleton.pruning.head_rate=0.5", "skeleton.attribution.heads=true", "skeleton.psi=1"],
+            ["skeleton.pruning.units=ffn", "skeleton.pruning.head_rate=0.5", "skeleton.attribution.heads=true", "skeleton.psi=1"],
             run_dir=tmp_path / "run",
         )
     )

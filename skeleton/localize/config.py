@@ -62,6 +62,22 @@ class Scope(Choice):
     LAYER = "layer"  # the same rate in every layer
 
 
+class Units(Choice):
+    JOINT = "joint"  # heads and FFN neurons ranked together by score per modelled cost; search on latency
+    FFN = "ffn"  # FFN neurons only, the largest rate within psi (the papers)
+
+
+class Acceptance(Choice):
+    CONFIRM = "confirm"  # search on one part of the search split, confirm the rate on the other
+    PAIRED_SE = "paired_se"  # drop + z * paired standard error within psi
+    POINT = "point"  # the drop alone within psi (the papers)
+
+
+class CostKind(Choice):
+    MEASURED = "measured"  # timed once per backbone, device and deployment shape, cached
+    FLOPS = "flops"  # analytic: no timing, no fixed sublayer costs
+
+
 DATA_FREE = (Criterion.MAGNITUDE, Criterion.RANDOM)
 
 
@@ -102,9 +118,9 @@ class AttributionConfig:
     target: Target = Target.LOGPROB
     token_agg: TokenAgg = TokenAgg.MEAN
     magnitude: Magnitude = Magnitude.TOKEN
-    max_instances: int = 512
+    max_instances: int = 256
     unsupervised: bool = False  # the model's own predictions as targets (2205.04157)
-    heads: bool = False  # also score attention heads
+    heads: bool = True  # also score attention heads (pruning.units=joint ranks them with the neurons)
     # Aggregate over the soft prompt positions too: pruning removes a neuron there as well, and
     # first-layer neurons that mostly process the prompt would score ~0 otherwise (README, Choices).
     include_prompt: bool = True
@@ -112,6 +128,9 @@ class AttributionConfig:
     # papers): neurons' roles shift as others go.
     iterative_step: float = 0.1
     iterative_until: float = 0.8
+    # Stop re-scoring once a round's new scores change at most (1 - this) of what the next round drops
+    # (Jaccard overlap of the two drop sets; 1.0 = always run every round). Joint ranking only.
+    iterative_stop: float = 0.8
 
     def __post_init__(self):
         key = "skeleton.attribution"
@@ -123,6 +142,12 @@ class AttributionConfig:
             self.max_instances >= 1, f"{key}.max_instances", self.max_instances, "score at least 1 instance"
         )
         rounds_of(self.iterative_step, self.iterative_until)
+        check(
+            0 <= self.iterative_stop <= 1,
+            f"{key}.iterative_stop",
+            self.iterative_stop,
+            "use an overlap in [0, 1] (1.0: never stop re-scoring early)",
+        )
 
     @property
     def iterative(self) -> bool:
@@ -131,17 +156,32 @@ class AttributionConfig:
 
 @dataclass
 class PruningConfig:
+    units: Units = Units.JOINT
     scope: Scope = Scope.GLOBAL
     min_per_layer: int = 0  # floor on any layer's FFN width
     round_to: int = 1  # kept widths rounded up to a multiple (8, 64) for GPU kernels
-    head_rate: float = 0.0  # fraction of attention heads removed (needs attribution.heads=true)
+    head_rate: float = 0.0  # units=ffn: fraction of attention heads removed (needs attribution.heads=true)
 
     def __post_init__(self):
         key = "skeleton.pruning"
+        self.units = choice(Units, self.units, f"{key}.units")
         self.scope = choice(Scope, self.scope, f"{key}.scope")
         check(self.min_per_layer >= 0, f"{key}.min_per_layer", self.min_per_layer, "use a width >= 0")
         check(self.round_to >= 1, f"{key}.round_to", self.round_to, "use a multiple >= 1 (1: no rounding)")
         check(0 <= self.head_rate < 1, f"{key}.head_rate", self.head_rate, "use a fraction in [0, 1)")
+        if self.units == Units.JOINT:
+            check(
+                self.head_rate == 0,
+                f"{key}.head_rate",
+                self.head_rate,
+                "units=joint ranks heads with the neurons; use head_rate=0 or units=ffn",
+            )
+            check(
+                self.scope == Scope.GLOBAL,
+                f"{key}.scope",
+                self.scope.value,
+                "units=joint ranks every unit of every layer together; use scope=global or units=ffn",
+            )
 
 
 @dataclass
@@ -149,12 +189,45 @@ class SearchConfig:
     granularity: float = 0.01  # rate grid step
     max_rate: float = 0.99
     lookahead: int = 2  # grid points probed past a failing rate: a one-point dip does not end the search
+    acceptance: Acceptance = Acceptance.CONFIRM
+    confirm_fraction: float = 0.5  # acceptance=confirm: share of the search split the search runs on
+    z: float = 1.0  # acceptance=paired_se: standard errors added to the drop
+    resamples: int = 200  # paired bootstrap resamples for the drops' standard errors (0: none)
 
     def __post_init__(self):
         key = "skeleton.search"
+        self.acceptance = choice(Acceptance, self.acceptance, f"{key}.acceptance")
+        check(
+            0 < self.confirm_fraction < 1,
+            f"{key}.confirm_fraction",
+            self.confirm_fraction,
+            "use a fraction in (0, 1): the search runs on it, the confirmation on the rest",
+        )
+        check(self.z >= 0, f"{key}.z", self.z, "use a number of standard errors >= 0")
+        check(self.resamples >= 0, f"{key}.resamples", self.resamples, "use 0 (none) or more resamples")
+        check(
+            self.acceptance != Acceptance.PAIRED_SE or self.resamples >= 2,
+            f"{key}.resamples",
+            self.resamples,
+            "acceptance=paired_se needs standard errors: use resamples >= 2",
+        )
         check(0 < self.granularity <= 1, f"{key}.granularity", self.granularity, "use a step in (0, 1]")
         check(0 <= self.max_rate <= 1, f"{key}.max_rate", self.max_rate, "use a fraction in [0, 1]")
         check(self.lookahead >= 0, f"{key}.lookahead", self.lookahead, "use 0 (plain binary search) or more")
+
+
+@dataclass
+class CostConfig:
+    model: CostKind = CostKind.MEASURED
+    batch_size: int | None = None  # deployment batch; None: benchmark.batch_size
+    seq_len: int | None = None  # deployment tokens (prompt included); None: the median dev batch's
+
+    def __post_init__(self):
+        key = "skeleton.cost"
+        self.model = choice(CostKind, self.model, f"{key}.model")
+        for name in ("batch_size", "seq_len"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{key}.{name}", value, "use null (from the run) or >= 1")
 
 
 @dataclass
@@ -181,6 +254,7 @@ SECTIONS = {
     "attribution": AttributionConfig,
     "pruning": PruningConfig,
     "search": SearchConfig,
+    "cost": CostConfig,
     "recovery": RecoveryConfig,
     "benchmark": BenchmarkConfig,
 }
@@ -196,6 +270,7 @@ class SkeletonConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
@@ -209,6 +284,11 @@ class SkeletonConfig:
             raise ConfigError(
                 f"skeleton.pruning.head_rate={self.pruning.head_rate} needs head scores: "
                 "set skeleton.attribution.heads=true (or head_rate=0)"
+            )
+        if self.pruning.units == Units.JOINT and not self.attribution.heads:
+            raise ConfigError(
+                "skeleton.pruning.units=joint ranks heads with neurons and needs head scores: "
+                "set skeleton.attribution.heads=true (or pruning.units=ffn)"
             )
 
     @property
@@ -243,6 +323,10 @@ def _typed(kind: type, name: str, value: Any, key: str) -> Any:
     """Numbers and booleans as their declared type, so a typo such as ``lr=1e-2x`` is named, not a
     TypeError deep inside a check."""
     declared = {f.name: f.type for f in fields(kind)}[name]
+    if declared.endswith(" | None"):
+        if value is None:
+            return None
+        declared = declared[: -len(" | None")]
     if declared == "bool":
         if isinstance(value, bool):
             return value

@@ -51,6 +51,7 @@ def search_pruning_rate(
     max_rate: float = 1.0,
     lookahead: int = 2,
     progress: Callable[[float, float, bool], None] | None = None,
+    accept: Callable[[float, float], bool] | None = None,
 ) -> SearchResult:
     """Largest rate r on the grid with evaluate(r) >= base_score - psi.
 
@@ -60,12 +61,15 @@ def search_pruning_rate(
     lookahead: grid points probed past the boundary (default 2: a one-point dip, the usual noise on a dev
         set of a few hundred examples, does not end the search; 0 = plain binary search).
     progress: called as progress(rate, score, admissible) after each evaluation.
+    accept: accept(rate, score) -> admissible, called once per evaluated rate, for acceptance rules
+        beyond "score >= base_score - psi" (e.g. the drop plus its standard error within psi).
     A NaN score counts as not admissible.
     """
     _validate(psi, granularity, max_rate, lookahead)
     top = math.floor(max_rate / granularity + 1e-9)
     threshold = base_score - psi - _EPS
     cache: dict[int, float] = {}
+    verdict: dict[int, bool] = {}
 
     def rate(k: int) -> float:
         return round(k * granularity, 12)
@@ -75,9 +79,13 @@ def search_pruning_rate(
             return True
         if k not in cache:
             cache[k] = float(evaluate(rate(k)))
+            passed = cache[k] >= threshold  # False for NaN
+            if accept is not None:
+                passed = bool(accept(rate(k), cache[k])) and not math.isnan(cache[k])
+            verdict[k] = passed
             if progress is not None:
-                progress(rate(k), cache[k], cache[k] >= threshold)
-        return cache[k] >= threshold  # False for NaN
+                progress(rate(k), cache[k], passed)
+        return verdict[k]
 
     lo = 0
     while True:

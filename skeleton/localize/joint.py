@@ -1,0 +1,220 @@
+"""Heads and FFN neurons ranked together, each by its score per unit of modelled cost.
+
+A unit is one FFN neuron or one attention key/value group (one head without grouped-query attention). Its
+ranking key is its attribution score (a Taylor estimate of what removing it costs the task: comparable
+between heads and neurons) divided by what it costs (``cost.CostModel``), so the cheapest task-irrelevant
+latency goes first. A *rate* here is the fraction of the units' total cost removed: the search over it is a
+search over modelled latency, and the modelled speedup of every rate is known before anything is timed.
+
+``score_jointly`` re-scores under the mask of the rounds before (as ``iterative.score_iteratively`` does
+for neurons alone) and stops early once a round's re-scoring no longer changes what the next round drops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import group_heads, layer_parts
+from .attribution import Scores
+from .cost import CostModel
+from .iterative import composite
+from .masks import masked
+from .skip import attention_skippable
+
+JOINT = "joint"  # Scores.meta["ranking"] when ffn/heads hold ranking keys rather than raw scores
+
+
+@dataclass
+class UnitTable:
+    """Every prunable unit of a backbone, flattened: neurons of layer 0, 1, ..., then head groups."""
+
+    layer: torch.Tensor  # (N,) long
+    is_head: torch.Tensor  # (N,) bool
+    index: torch.Tensor  # (N,) neuron index, or key/value group index
+    cost: torch.Tensor  # (N,) float64, per unit
+    widths: list[int]
+    heads: list[int]
+    groups: list[int]  # query heads per key/value group, per layer
+    min_groups: list[int]  # groups a layer must keep (1 where an empty attention cannot be skipped)
+
+    def __len__(self) -> int:
+        return len(self.cost)
+
+    @property
+    def total(self) -> float:
+        return float(self.cost.sum())
+
+
+def unit_table(backbone: nn.Module, cost: CostModel) -> UnitTable:
+    parts = layer_parts(backbone)
+    layer, is_head, index, unit_cost = [], [], [], []
+    for i, p in enumerate(parts):
+        layer.append(torch.full((p.ffn_width,), i))
+        is_head.append(torch.zeros(p.ffn_width, dtype=torch.bool))
+        index.append(torch.arange(p.ffn_width))
+        unit_cost.append(torch.full((p.ffn_width,), cost.per_neuron[i], dtype=torch.float64))
+    groups = [max(p.attn.group_size, 1) for p in parts]
+    for i, (p, g) in enumerate(zip(parts, groups)):
+        n = p.attn.num_heads // g
+        layer.append(torch.full((n,), i))
+        is_head.append(torch.ones(n, dtype=torch.bool))
+        index.append(torch.arange(n))
+        unit_cost.append(torch.full((n,), cost.per_head[i] * g, dtype=torch.float64))
+    min_groups = [0 if attention_skippable(p) else 1 for p in parts]
+    return UnitTable(
+        torch.cat(layer).long(),
+        torch.cat(is_head),
+        torch.cat(index).long(),
+        torch.cat(unit_cost).clamp(min=1e-12),
+        [p.ffn_width for p in parts],
+        [p.attn.num_heads for p in parts],
+        groups,
+        min_groups,
+    )
+
+
+def unit_scores(scores: Scores, table: UnitTable) -> torch.Tensor:
+    """(N,) raw scores: neurons as scored, a key/value group as the sum of its query heads' scores."""
+    if scores.heads is None:
+        raise ValueError("joint ranking needs head scores: score with heads=True (skeleton.attribution.heads)")
+    ffn = [torch.as_tensor(s).double().view(-1) for s in scores.ffn]
+    heads = [torch.as_tensor(s).double().view(-1, g).sum(1) for s, g in zip(scores.heads, table.groups)]
+    flat = torch.cat(ffn + heads)
+    if len(flat) != len(table):
+        raise ValueError(f"scores cover {len(flat)} units, the backbone has {len(table)}")
+    return torch.nan_to_num(flat, nan=-math.inf)
+
+
+def ranking_keys(scores: Scores, table: UnitTable) -> torch.Tensor:
+    """Lowest first goes first: stored keys for joint re-scored Scores, else score per cost."""
+    if (scores.meta or {}).get("ranking") == JOINT:
+        return unit_scores(scores, table)
+    return unit_scores(scores, table) / table.cost
+
+
+def _drop_order(keys: torch.Tensor, table: UnitTable, rate: float) -> torch.Tensor:
+    """Bool (N,) kept mask: drop the lowest keys until ``rate`` of the units' total cost is gone."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    order = torch.argsort(keys, stable=True)
+    spent = torch.cumsum(table.cost[order], 0)
+    n_drop = int(torch.searchsorted(spent, rate * table.total * (1 + 1e-9) + 1e-12, right=True))
+    keep = torch.ones(len(table), dtype=torch.bool)
+    keep[order[:n_drop]] = False
+    return keep
+
+
+def _add_back(keep: torch.Tensor, keys: torch.Tensor, members: torch.Tensor, target: int) -> None:
+    """Keep the best-keyed dropped units among ``members`` until ``target`` of them are kept."""
+    short = target - int(keep[members].sum())
+    if short <= 0:
+        return
+    dropped = members[~keep[members]]
+    best = dropped[torch.argsort(keys[dropped], descending=True, stable=True)[:short]]
+    keep[best] = True
+
+
+def select_units(
+    keys: torch.Tensor, table: UnitTable, rate: float, *, min_per_layer: int = 0, round_to: int = 1
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Kept FFN neuron indices and kept query-head indices per layer at cost-rate ``rate``. The FFN floor
+    and rounding (as in ``select_neurons``) and the one group a non-skippable attention must keep add
+    back the best-keyed dropped units of that layer, so the realised rate can be a little lower."""
+    keep = _drop_order(keys, table, rate)
+    keep_ffn, keep_heads = [], []
+    for i, w in enumerate(table.widths):
+        neurons = ((table.layer == i) & ~table.is_head).nonzero().view(-1)
+        target = max(int(keep[neurons].sum()), min(min_per_layer, w))
+        _add_back(keep, keys, neurons, min(w, math.ceil(target / round_to) * round_to))
+        groups = ((table.layer == i) & table.is_head).nonzero().view(-1)
+        _add_back(keep, keys, groups, table.min_groups[i])
+        keep_ffn.append(table.index[neurons[keep[neurons]]].sort().values)
+        kept_groups = table.index[groups[keep[groups]]].sort().values
+        keep_heads.append(group_heads(kept_groups, table.groups[i]))
+    return keep_ffn, keep_heads
+
+
+def kept_shape(keep_ffn: list[torch.Tensor], keep_heads: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    return [len(k) for k in keep_ffn], [len(k) for k in keep_heads]
+
+
+def _as_scores(keys: torch.Tensor, table: UnitTable, like: Scores, meta: dict) -> Scores:
+    """Per-unit keys back in ``Scores`` form (a group's key on each of its query heads)."""
+    n_ffn = sum(table.widths)
+    ffn = list(keys[:n_ffn].float().split(table.widths))
+    per_group = keys[n_ffn:].float().split([h // g for h, g in zip(table.heads, table.groups)])
+    heads = [k.repeat_interleave(g) / g for k, g in zip(per_group, table.groups)]
+    return Scores(ffn=ffn, heads=heads, num_instances=like.num_instances, meta=meta)
+
+
+def _newly_dropped(keys: torch.Tensor, dropped_round, round_keys, table, rate) -> set[int]:
+    ranking = composite(dropped_round, round_keys, keys)
+    kept = _drop_order(ranking, table, rate)
+    return set((~kept & (dropped_round < 0)).nonzero().view(-1).tolist())
+
+
+def score_jointly(
+    score_once: Callable[[], Scores],
+    backbone: nn.Module,
+    table: UnitTable,
+    *,
+    rounds: list[float],
+    stop_overlap: float = 1.0,
+    progress: Callable[[float, str], None] | None = None,
+) -> Scores:
+    """Joint ranking keys from one attribution pass plus one per round of ``rounds`` (cost-rates), each
+    under the mask of the rounds before. After each re-scoring, if the units the next round would drop
+    overlap (Jaccard) by at least ``stop_overlap`` with those the previous scores would have dropped, the
+    ranking has settled and re-scoring stops (1.0: never stop early)."""
+    latest = score_once()
+    keys = unit_scores(latest, table) / table.cost
+    dropped_round = torch.full((len(table),), -1, dtype=torch.long)
+    round_keys: list[torch.Tensor] = []
+    passes, stopped_at = 1, None
+    for k, rate in enumerate(rounds):
+        ranking = composite(dropped_round, round_keys, keys)
+        kept = _drop_order(ranking, table, rate)
+        dropped_round[~kept & (dropped_round < 0)] = k
+        round_keys.append(keys)
+        keep_ffn, keep_heads = _keep_lists(kept, table)
+        with masked(backbone, keep_ffn, keep_heads):
+            latest = score_once()
+        passes += 1
+        previous, keys = keys, unit_scores(latest, table) / table.cost
+        note = ""
+        if k + 1 < len(rounds):
+            before = _newly_dropped(previous, dropped_round, round_keys, table, rounds[k + 1])
+            after = _newly_dropped(keys, dropped_round, round_keys, table, rounds[k + 1])
+            overlap = len(before & after) / max(len(before | after), 1)
+            note = f", next round's drops overlap {overlap:.0%}"
+            if overlap >= stop_overlap:
+                stopped_at = rate
+        if progress is not None:
+            progress(rate, note + (": ranking settled, re-scoring stops" if stopped_at is not None else ""))
+        if stopped_at is not None:
+            break
+    ranking = composite(dropped_round, round_keys, keys)
+    meta = {
+        **latest.meta,
+        "ranking": JOINT,
+        "rounds": passes,
+        "stopped_at": stopped_at,
+        "planned_rounds": len(rounds) + 1,
+    }
+    return _as_scores(ranking, table, latest, meta)
+
+
+def _keep_lists(kept: torch.Tensor, table: UnitTable) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A kept mask over units as masks per layer (no floors: attribution may mask a whole sublayer)."""
+    keep_ffn, keep_heads = [], []
+    for i in range(len(table.widths)):
+        neurons = (table.layer == i) & ~table.is_head
+        keep_ffn.append(table.index[neurons & kept].sort().values)
+        groups = table.index[(table.layer == i) & table.is_head & kept].sort().values
+        keep_heads.append(group_heads(groups, table.groups[i]))
+    return keep_ffn, keep_heads

@@ -1,0 +1,220 @@
+"""Pruning for speed: the latency model, heads and neurons ranked jointly by score per cost, the joint
+re-scoring that stops once settled, and the noise-aware acceptance (paired bootstrap, confirmation)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import FFN, HEADS, LAYERS, StandIn, make_batch, one_thread, tiny_backbone, tiny_config
+from torch.utils.data import DataLoader
+from transformers import AutoModel
+
+from skeleton.localize import layer_parts, masked, prune_ffn, prune_heads, score_neurons
+from skeleton.localize import cost as cost_module
+from skeleton.localize.cost import CostModel, cached_cost_model, flop_cost_model, measure_cost_model
+from skeleton.localize.joint import (
+    ranking_keys,
+    score_jointly,
+    select_units,
+    unit_scores,
+    unit_table,
+)
+from skeleton.localize.search import search_pruning_rate
+from skeleton.tasks import get_task
+from skeleton.uncertainty import Predictions, paired_drop, split_loader
+
+assert one_thread  # autouse fixture
+
+
+def _forward(model, batch):
+    with torch.no_grad():
+        return model(batch)
+
+
+def _cost(widths=(FFN,) * LAYERS, heads=(HEADS,) * LAYERS) -> CostModel:
+    n = len(widths)
+    return CostModel(
+        "measured", "ms", 4, 8, "cpu", 1.0, [0.01] * n, [0.5] * n, [0.2] * n, [0.3] * n, list(widths), list(heads)
+    )
+
+
+# ---- the latency model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_flop_and_measured_models_are_monotone_in_units_kept(family):
+    backbone = tiny_backbone(family)
+    for model in (flop_cost_model(backbone, 4, 16), measure_cost_model(backbone, 4, 16, repeats=3)):
+        assert all(c > 0 for c in model.per_neuron + model.per_head)
+        assert all(c >= 0 for c in model.ffn_fixed + model.attn_fixed + [model.base])
+        g = torch.Generator().manual_seed(0)
+        for _ in range(50):
+            widths = torch.randint(0, FFN, (LAYERS,), generator=g).tolist()
+            heads = torch.randint(0, HEADS, (LAYERS,), generator=g).tolist()
+            layer = int(torch.randint(LAYERS, (1,), generator=g))
+            more_w, more_h = list(widths), list(heads)
+            more_w[layer] += 1
+            more_h[layer] += 1
+            here = model.latency(widths, heads)
+            assert model.latency(more_w, heads) > here and model.latency(widths, more_h) > here
+        assert model.speedup(model.dense_widths, model.dense_heads) == pytest.approx(1.0)
+
+
+def test_flop_model_matches_the_analytic_flops_of_a_neuron_and_a_head():
+    backbone = tiny_backbone("bert")
+    model = flop_cost_model(backbone, batch_size=2, seq_len=8)
+    d, tokens = backbone.config.hidden_size, 16
+    assert model.per_neuron[0] == pytest.approx(2 * tokens * d * 2 / 1e6)
+    head_dim = d // HEADS
+    per_head = 2 * 2 * tokens * d * head_dim * 2 + 2 * 2 * 2 * 8 * 8 * head_dim
+    assert model.per_head[0] == pytest.approx(per_head / 1e6)
+
+
+def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_path, monkeypatch):
+    backbone = tiny_backbone("bert")
+    first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
+    files = list((tmp_path / "latency").glob("*.json"))
+    assert len(files) == 1 and CostModel.from_dict(json.loads(files[0].read_text())) == first
+    monkeypatch.setattr(cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("measured again"))
+    assert cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None) == first
+    monkeypatch.undo()
+    cached_cost_model(backbone, 8, 16, cache_dir=tmp_path, report=lambda _: None)  # another batch size
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 2
+    uneven = copy.deepcopy(backbone)
+    prune_ffn(uneven, [torch.arange(FFN // 2), None])
+    with pytest.raises(ValueError, match="layers all have one shape"):
+        cached_cost_model(uneven, 4, 16, cache_dir=tmp_path, report=lambda _: None)
+
+
+# ---- joint selection -----------------------------------------------------------------------------
+def test_joint_selection_removes_the_cost_fraction_cheapest_per_score_first():
+    backbone = tiny_backbone("bert")
+    cost = _cost()
+    table = unit_table(backbone, cost)
+    assert len(table) == LAYERS * (FFN + HEADS) and table.min_groups == [0, 0]
+    g = torch.Generator().manual_seed(1)
+    keys = torch.rand(len(table), generator=g, dtype=torch.float64)
+    for rate in (0.0, 0.1, 0.37, 0.8, 1.0):
+        keep_ffn, keep_heads = select_units(keys, table, rate)
+        kept = torch.zeros(len(table), dtype=torch.bool)
+        for i, (kf, kh) in enumerate(zip(keep_ffn, keep_heads)):
+            kept[(table.layer == i) & ~table.is_head & torch.isin(table.index, kf)] = True
+            kept[(table.layer == i) & table.is_head & torch.isin(table.index, kh)] = True
+        removed = float(table.cost[~kept].sum())
+        assert removed <= rate * table.total + 1e-9
+        assert removed > rate * table.total - float(table.cost.max()) - 1e-9
+        if (~kept).any() and kept.any():
+            assert keys[~kept].max() <= keys[kept].min()  # lowest keys went first
+
+
+def test_ranking_is_score_per_cost_so_a_costly_head_goes_before_a_cheap_neuron_of_equal_score():
+    backbone = tiny_backbone("bert")
+    table = unit_table(backbone, _cost())
+    scores = unit_scores(_uniform_scores(1.0), table)
+    keys = ranking_keys(_uniform_scores(1.0), table)
+    assert torch.all(scores > 0)
+    assert keys[table.is_head].max() < keys[~table.is_head].min()  # heads cost 50x a neuron here
+
+
+def _uniform_scores(value):
+    from skeleton.localize import Scores
+
+    return Scores(
+        ffn=[torch.full((FFN,), value) for _ in range(LAYERS)],
+        heads=[torch.full((HEADS,), value) for _ in range(LAYERS)],
+        num_instances=1,
+    )
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "qwen2", "mistral"])
+def test_joint_pruning_equals_masking(family):
+    backbone, batch = tiny_backbone(family), make_batch()
+    model = StandIn(backbone).eval()
+    scores = score_neurons(model, [batch], heads=True)
+    table = unit_table(backbone, flop_cost_model(backbone, 4, 8))
+    keys = ranking_keys(scores, table)
+    keep_ffn, keep_heads = select_units(keys, table, 0.6)
+    assert sum(map(len, keep_heads)) < LAYERS * HEADS  # heads went too
+    for keep, group in zip(keep_heads, table.groups):
+        assert len(keep) % group == 0
+    with masked(backbone, keep_ffn, keep_heads):
+        want = _forward(model, batch)
+    pruned = copy.deepcopy(model)
+    prune_ffn(pruned.backbone, keep_ffn)
+    prune_heads(pruned.backbone, keep_heads)
+    torch.testing.assert_close(_forward(pruned, batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_attention_that_cannot_be_skipped_keeps_one_group():
+    config = tiny_config("bert")
+    table = unit_table(AutoModel.from_config(config), _cost())
+    table.min_groups = [1, 1]  # as for ALBERT, whose attention module also holds the residual norm
+    keys = torch.arange(len(table), dtype=torch.float64)
+    keys[table.is_head] = -1.0  # every head is the first to go
+    _, keep_heads = select_units(keys, table, 1.0)
+    assert [len(k) for k in keep_heads] == [1, 1]
+
+
+def test_joint_rescoring_stops_once_the_next_drops_no_longer_change():
+    backbone, batch = tiny_backbone("bert"), make_batch()
+    model = StandIn(backbone).eval()
+    table = unit_table(backbone, _cost())
+    calls = []
+
+    def score_once():
+        calls.append(1)
+        return score_neurons(model, [batch], heads=True)
+
+    rounds = [0.1, 0.2, 0.3, 0.4]
+    full = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=1.01)
+    assert len(calls) == 5 and full.meta["rounds"] == 5 and full.meta["stopped_at"] is None
+    calls.clear()
+    early = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=0.0)
+    assert len(calls) == 2 and early.meta["stopped_at"] == 0.1
+    # the joint keys reproduce the first round's mask at its rate
+    keys = ranking_keys(full, table)
+    first = score_neurons(model, [batch], heads=True)
+    want = select_units(unit_scores(first, table) / table.cost, table, 0.1)
+    got = select_units(keys, table, 0.1)
+    for a, b in zip(want[0] + want[1], got[0] + got[1]):
+        assert torch.equal(a, b)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------
+def _predictions(labels, predicted, num_labels=2):
+    logits = torch.nn.functional.one_hot(torch.tensor(predicted), num_labels).float()
+    return Predictions(logits, {"labels": torch.tensor(labels)})
+
+
+def test_paired_drop_is_the_difference_and_its_bootstrap_error():
+    task = get_task("sst2")
+    labels = [0, 1] * 50
+    dense = _predictions(labels, labels)
+    same = paired_drop(task, "accuracy", dense, dense)
+    assert same.value == 0.0 and same.se == 0.0
+    flipped = list(labels)
+    for i in range(10):
+        flipped[i] = 1 - flipped[i]
+    drop = paired_drop(task, "accuracy", dense, _predictions(labels, flipped), resamples=400)
+    assert drop.value == pytest.approx(0.1)
+    assert drop.se == pytest.approx((0.1 * 0.9 / 100) ** 0.5, rel=0.25)  # binomial SE of the changed share
+    assert drop.to_dict()["drop"] == pytest.approx(10.0)
+
+
+def test_split_loader_halves_are_disjoint_complete_and_in_order():
+    loader = DataLoader(list(range(101)), batch_size=8)
+    a, b = split_loader(loader, 0.5, seed=3)
+    got_a = [int(x) for batch in a for x in batch]
+    got_b = [int(x) for batch in b for x in batch]
+    assert sorted(got_a + got_b) == list(range(101)) and not set(got_a) & set(got_b)
+    assert got_a == sorted(got_a) and got_b == sorted(got_b) and abs(len(got_a) - 50) <= 1
+    assert [int(x) for batch in split_loader(loader, 0.5, seed=3)[0] for x in batch] == got_a
+
+
+def test_an_acceptance_rule_decides_instead_of_the_bare_threshold():
+    curve = {r / 100: 0.9 - r / 1000 for r in range(0, 101)}  # falls 0.1 point per grid step
+    plain = search_pruning_rate(lambda r: curve[round(r, 2)], 0.9, 0.01, lookahead=0)
+    assert plain.rate == pytest.approx(0.1)
+    strict = search_pruning_rate(
+        lambda r: curve[round(r, 2)], 0.9, 0.01, lookahead=0, accept=lambda r, s: 0.9 - s + 0.0045 <= 0.01
+    )
+    assert strict.rate == pytest.approx(0.05)
