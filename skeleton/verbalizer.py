@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 HEADS = ("linear", "verbalizer")
@@ -81,6 +82,8 @@ class VerbalizerConfig:
         """Validated settings for ``task`` (a TaskSpec) from a dict, a config or None."""
         if isinstance(value, VerbalizerConfig):
             value = {k: getattr(value, k) for k in VERBALIZER_KEYS}
+        if isinstance(value, DictConfig):  # as Hydra's instantiate passes it
+            value = OmegaConf.to_container(value, resolve=True)
         value = dict(value or {})
         unknown = sorted(set(value) - set(VERBALIZER_KEYS))
         if unknown:
@@ -123,6 +126,8 @@ class VerbalizerConfig:
                     f"task {task.name!r} has no default label words: set module.verbalizer.words=[...] ({what})"
                 )
             return tuple(default)
+        if isinstance(words, (DictConfig, ListConfig)):
+            words = OmegaConf.to_container(words, resolve=True)
         if isinstance(words, Mapping):
             missing = [label for label in task.labels or () if label not in words]
             extra = [k for k in words if k not in (task.labels or ())]
