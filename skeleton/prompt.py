@@ -138,7 +138,7 @@ class PromptTunedModel(L.LightningModule):
         rebuild with it."""
         super().__init__()
         prompt_cfg = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
-        self.save_hyperparameters(ignore=["prompt", "backbone_module"])
+        self.save_hyperparameters(ignore=["prompt", "backbone_module", "verbalizer"])
         self.hparams["prompt"] = asdict(prompt_cfg)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
@@ -146,7 +146,7 @@ class PromptTunedModel(L.LightningModule):
         verbalizer_cfg = check_head(head, verbalizer, self.task)
         self.prompt_cfg = prompt_cfg
         self.backbone_name = backbone
-        self.verbalizer = None
+        self.verbalizer, self.hparams["verbalizer"] = None, None  # plain values only: checkpoints hold them
         if verbalizer_cfg is not None:  # the backbone comes with its LM head; the head reads it
             from skeleton.verbalizer import build
 
@@ -213,9 +213,8 @@ class PromptTunedModel(L.LightningModule):
         kwargs = {}
         if self._uses_token_types and "token_type_ids" in batch:
             kwargs["token_type_ids"] = torch.cat([mask.new_zeros(rows, n), batch["token_type_ids"]], dim=1)
-        if (
-            self._positions
-        ):  # positions count real tokens only, so a left-padded row reads as a right-padded one
+        if self._positions and bool((mask[:, 1:] > mask[:, :-1]).any()):  # padding before a real token:
+            # positions count real tokens only, so a left-padded row reads as a right-padded one
             kwargs["position_ids"] = (full_mask.cumsum(1) - 1).clamp(min=0)
         out = self.backbone(inputs_embeds=inputs, attention_mask=full_mask, **kwargs)
         return out.last_hidden_state

@@ -72,7 +72,12 @@ def encode(texts, padding_side: str = "right") -> dict:
     for r, row in enumerate(rows):
         span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
         ids[r, span], mask[r, span] = torch.tensor(row), 1
-    return {"input_ids": ids, "attention_mask": mask, "num_choices": 1, "labels": torch.tensor([1, 0, 0][: len(rows)])}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "num_choices": 1,
+        "labels": torch.tensor([1, 0, 0][: len(rows)]),
+    }
 
 
 def logits(model, batch):
@@ -96,7 +101,9 @@ def test_decoder_predictions_do_not_depend_on_padding(family, head):
     assert torch.allclose(left, right, atol=1e-5)
     for i, text in enumerate(TEXTS):
         assert torch.allclose(logits(model, encode([text]))[0], right[i], atol=1e-5)
-    model._positions = False  # control: without position ids counted over real tokens, left padding moves them
+    model._positions = (
+        False  # control: without position ids counted over real tokens, left padding moves them
+    )
     assert not torch.allclose(logits(model, encode(TEXTS, "left")), right, atol=1e-3)
 
 
@@ -151,11 +158,15 @@ def test_multi_token_words_score_the_mean_sum_or_first_token():
         assert torch.allclose(VerbalizerHead("classification", words, how)(logprobs), want)
 
 
-@pytest.mark.parametrize("family,task", [("gpt2", "sst2"), ("llama", "rte"), ("bert", "sst2"), ("bert", "copa")])
+@pytest.mark.parametrize(
+    "family,task", [("gpt2", "sst2"), ("llama", "rte"), ("bert", "sst2"), ("bert", "copa")]
+)
 def test_class_scores_are_the_lms_own_label_word_log_probs(family, task):
     """The verbalizer's score of class c is the log-probability that the LM (loaded on its own, with
     its head) gives word c after the text and the template, at [MASK] or at the next token."""
-    model = PromptTunedModel(backbone=f"tiny:{family}", task=task, prompt={"num_tokens": 3}, head="verbalizer")
+    model = PromptTunedModel(
+        backbone=f"tiny:{family}", task=task, prompt={"num_tokens": 3}, head="verbalizer"
+    )
     tok = load_tokenizer("tiny:bert")
     kind = "masked" if family == "bert" else "causal"
     auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
@@ -163,7 +174,11 @@ def test_class_scores_are_the_lms_own_label_word_log_probs(family, task):
     lm = auto.from_config(tiny_config(family, 30522)).eval()
     template, words = DEFAULTS[task]
     text = "a gripping film"
-    cue = template.replace("{mask}", tok.mask_token) if kind == "masked" else template.split("{mask}")[0].rstrip()
+    cue = (
+        template.replace("{mask}", tok.mask_token)
+        if kind == "masked"
+        else template.split("{mask}")[0].rstrip()
+    )
     ids = torch.tensor([tok(f"{text} {cue}")["input_ids"]])  # [CLS] text cue [SEP]
     at = (ids[0] == tok.mask_token_id).nonzero().item() if kind == "masked" else ids.shape[1] - 2
     embeds = torch.cat([model.prompt(1), lm.get_input_embeddings()(ids)], 1)
@@ -171,7 +186,11 @@ def test_class_scores_are_the_lms_own_label_word_log_probs(family, task):
         want = torch.log_softmax(lm(inputs_embeds=embeds).logits[0, 3 + at], -1)
         batch = encode([text])
         if task == "copa":  # two choice rows of one example: the same text twice here
-            batch = {**encode([text, text]), "num_choices": 2, "choice_mask": torch.ones(1, 2, dtype=torch.bool)}
+            batch = {
+                **encode([text, text]),
+                "num_choices": 2,
+                "choice_mask": torch.ones(1, 2, dtype=torch.bool),
+            }
         got = model(batch)[0]
     word_ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in words]
     expected = torch.stack([want[w].mean() for w in word_ids])
@@ -193,7 +212,9 @@ def test_the_tied_output_layer_is_the_backbone_embedding_not_a_copy():
     assert model.lm_output.tied and not list(model.lm_output.parameters())  # GPT-2 ties: nothing held
     before = logits(model, encode(TEXTS))
     with torch.no_grad():
-        model.backbone.get_input_embeddings().weight[2307] *= 2.0  # the word "great": its output row moves too
+        model.backbone.get_input_embeddings().weight[2307] *= (
+            2.0  # the word "great": its output row moves too
+        )
     assert not torch.allclose(logits(model, encode(TEXTS))[:, 1], before[:, 1])
 
 
@@ -203,7 +224,9 @@ def test_every_classification_and_choice_task_has_default_label_words():
         if spec.formulation == "regression":
             continue
         cfg = VerbalizerConfig.of(None, spec)
-        assert len(cfg.resolved["words"]) == (1 if spec.formulation == "multiple_choice" else len(spec.labels))
+        assert len(cfg.resolved["words"]) == (
+            1 if spec.formulation == "multiple_choice" else len(spec.labels)
+        )
         assert "{mask}" in cfg.resolved["template"], name
 
 
@@ -216,7 +239,12 @@ def test_every_classification_and_choice_task_has_default_label_words():
         ("verbalizer", {"words": ["bad"]}, "sst2", "must be 2 words, for negative, positive"),
         ("verbalizer", {"words": {"negative": "bad"}}, "sst2", "missing ['positive']"),
         ("verbalizer", {"words": ["ok", "ok"]}, "sst2", "repeats a word"),
-        ("verbalizer", {"multi_token": "max"}, "sst2", "multi_token='max' is unknown; allowed: mean, sum, first"),
+        (
+            "verbalizer",
+            {"multi_token": "max"},
+            "sst2",
+            "multi_token='max' is unknown; allowed: mean, sum, first",
+        ),
         ("verbalizer", {"word": ["a", "b"]}, "sst2", "unknown key(s) ['word']"),
     ],
 )
@@ -237,7 +265,9 @@ def test_train_refuses_a_bad_head_before_loading_anything(tmp_path):
     cfg = compose_config(["module.head=mlp", "paths.data_dir=/nonexistent"], run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="module.head='mlp' is unknown"):
         train(cfg)  # the data folder does not exist: the head was checked first
-    cfg = compose_config(["task=stsb", "module.head=verbalizer", "paths.data_dir=/nonexistent"], run_dir=tmp_path / "r2")
+    cfg = compose_config(
+        ["task=stsb", "module.head=verbalizer", "paths.data_dir=/nonexistent"], run_dir=tmp_path / "r2"
+    )
     with pytest.raises(VerbalizerError, match="module.head=linear"):
         train(cfg)
 
@@ -248,7 +278,11 @@ def test_config_composes_and_instantiates_a_verbalizer_decoder():
     cfg = compose_config(["model=tiny-llama", "module.head=verbalizer", "module.verbalizer.words=[bad,good]"])
     model = instantiate(cfg.module)
     assert model.hparams.head == "verbalizer" and model.hparams.pooling == "last"
-    assert model.hparams.verbalizer == {"template": "It was {mask}.", "words": ["bad", "good"], "multi_token": "mean"}
+    assert model.hparams.verbalizer == {
+        "template": "It was {mask}.",
+        "words": ["bad", "good"],
+        "multi_token": "mean",
+    }
 
 
 def test_a_checkpoint_without_lm_head_weights_is_refused():
@@ -262,9 +296,15 @@ def test_a_saved_masked_lm_folder_loads_with_its_head(tmp_path):
     lm = AutoModelForMaskedLM.from_config(tiny_config("bert", 30522))
     lm.save_pretrained(tmp_path / "mlm")
     load_tokenizer("tiny:bert").save_pretrained(tmp_path / "mlm")
-    model = PromptTunedModel(backbone=str(tmp_path / "mlm"), task="sst2", prompt={"num_tokens": 2}, head="verbalizer")
-    assert torch.equal(model.backbone.embeddings.word_embeddings.weight, lm.bert.embeddings.word_embeddings.weight)
-    assert torch.equal(model.lm_output.lm.cls.predictions.transform.dense.weight, lm.cls.predictions.transform.dense.weight)
+    model = PromptTunedModel(
+        backbone=str(tmp_path / "mlm"), task="sst2", prompt={"num_tokens": 2}, head="verbalizer"
+    )
+    assert torch.equal(
+        model.backbone.embeddings.word_embeddings.weight, lm.bert.embeddings.word_embeddings.weight
+    )
+    assert torch.equal(
+        model.lm_output.lm.cls.predictions.transform.dense.weight, lm.cls.predictions.transform.dense.weight
+    )
 
 
 # ---- localization and artifacts ------------------------------------------------------------------------
@@ -276,7 +316,9 @@ def test_pruned_equals_masked_with_the_verbalizer(family, tmp_path):
                              head="verbalizer").eval()  # fmt: skip
     batch = encode(TEXTS)
     scores = score_neurons(model, [batch], heads=True)
-    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in scores.ffn)  # gradients reach every layer
+    assert all(
+        torch.isfinite(s).all() and s.abs().sum() > 0 for s in scores.ffn
+    )  # gradients reach every layer
     keep_ffn, keep_heads = select_neurons(scores, 0.5), select_heads(scores, 0.25)
     dense_identity, dense = model.backbone_identity(), logits(model, batch)
     with masked(model.backbone, keep_ffn, keep_heads):
@@ -289,9 +331,14 @@ def test_pruned_equals_masked_with_the_verbalizer(family, tmp_path):
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.5, -0.5]))  # a trained offset must travel with the artifact
         got = model(batch)
-    path = save_skeleton(model, tmp_path / "sk", keep_ffn=keep_ffn, keep_heads=keep_heads, dense_identity=dense_identity)
+    path = save_skeleton(
+        model, tmp_path / "sk", keep_ffn=keep_ffn, keep_heads=keep_heads, dense_identity=dense_identity
+    )
     meta = json.loads((path / "skeleton.json").read_text())
-    assert meta["model"]["head"] == "verbalizer" and meta["model"]["verbalizer"]["words"] == ["terrible", "great"]
+    assert meta["model"]["head"] == "verbalizer" and meta["model"]["verbalizer"]["words"] == [
+        "terrible",
+        "great",
+    ]
     loaded = load_skeleton(path)
     assert torch.equal(logits(loaded, batch), got)
     with pytest.raises(ArtifactError, match="load_skeleton and skeleton-predict rebuild the LM head"):
