@@ -4,7 +4,7 @@ A linear head on a decoder throws away what its language-model head knows; a ver
 input is followed by a short template whose ``{mask}`` marks where the label word goes ("It was
 {mask}." for SST-2); the language model predicts a word there, and class c scores
 ``log P(word_c)`` from the LM's own output layer, plus one trained offset per class (label words differ
-in prior frequency). Masked LMs (BERT, RoBERTa, ...) read the ``[MASK]`` token of the template;
+in prior frequency; multiple choice has none). Masked LMs (BERT, RoBERTa, ...) read the ``[MASK]`` token of the template;
 causal LMs (GPT-2, LLaMA, ...) read the next-token prediction at the template's last token (text after
 ``{mask}`` is dropped for them).
 
@@ -301,7 +301,7 @@ def insert_suffix(batch: dict, suffix: torch.Tensor, before_last: bool, predict_
 
 class VerbalizerHead(nn.Module):
     """Vocabulary log-probabilities at the prediction position -> class scores (B, C), or one score
-    per choice row (B, num_choices) for multiple choice. Trains one offset per class."""
+    per choice row (B, num_choices) for multiple choice. Trains one offset per class (classification)."""
 
     def __init__(self, formulation: str, word_tokens: list[list[int]], multi_token: str = "mean"):
         super().__init__()
@@ -314,7 +314,10 @@ class VerbalizerHead(nn.Module):
             ids[c, : len(toks)], valid[c, : len(toks)] = torch.tensor(toks), True
         self.register_buffer("token_ids", ids, persistent=False)  # rebuilt from the config, not saved
         self.register_buffer("token_valid", valid, persistent=False)
-        self.bias = nn.Parameter(torch.zeros(len(word_tokens) if formulation == "classification" else 1))
+        # One offset per class against the words' unequal prior frequency; none for multiple choice,
+        # where one word scores every choice and an offset would cancel in the softmax over choices.
+        classes = len(word_tokens) if formulation == "classification" else 0
+        self.bias = nn.Parameter(torch.zeros(classes)) if classes else None
 
     def forward(
         self, logprobs: torch.Tensor, num_choices: int = 1, choice_mask: torch.Tensor | None = None
@@ -323,9 +326,8 @@ class VerbalizerHead(nn.Module):
         scores = picked.sum(-1)
         if self.multi_token == "mean":
             scores = scores / self.token_valid.sum(-1)
-        scores = scores + self.bias
         if self.formulation == "classification":
-            return scores
+            return scores + self.bias
         scores = scores[:, 0].view(-1, num_choices)
         if choice_mask is not None:
             scores = scores.masked_fill(~choice_mask.bool(), float("-inf"))

@@ -206,6 +206,7 @@ def test_only_the_prompt_and_one_offset_per_class_train_and_are_saved():
     assert model.trained_state()["head.bias"].shape == (3,)
     assert all(n.startswith(("prompt.", "head.")) for n in model.trainable_names())
     assert not any(p.requires_grad for p in model.lm_output.parameters())
+    assert list(make("llama", task="copa").trained_state()) == ["prompt.embeddings"]  # choices: no offset
 
 
 def test_the_tied_output_layer_is_the_backbone_embedding_not_a_copy():
