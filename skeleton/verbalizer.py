@@ -235,9 +235,18 @@ class Tokens:
 
 
 def tokens_for(tokenizer, template: str, words: list[str], kind: str) -> Tokens:
-    """Tokenize the template around ``{mask}`` and the label words as they read after its prefix."""
+    """Tokenize the template around ``{mask}`` and the label words as they read after its prefix. The
+    template follows the input text, so it starts a new word (a byte-level BPE vocabulary, GPT-2's or
+    Qwen2's, has "ĠIt", not "It", there)."""
     head, tail = template.split(MASK)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        while ids and not tokenizer.decode(ids[:1]).strip():  # a lone word-boundary token ("▁")
+            ids = ids[1:]
+        return ids
+
+    head = " " + head.lstrip() if head.strip() else head
     prefix = encode(head.rstrip()) if head.strip() else []
     if kind == "masked":
         if tokenizer.mask_token_id is None:
@@ -266,7 +275,7 @@ def _word_tokens(encode, prefix: str, word: str, spaced: bool) -> list[int]:
     "great", after a space): the tokens of prefix + word minus those of the prefix, when the prefix
     tokenizes the same inside; else the word alone with its leading space."""
     text = f" {word}" if spaced else word
-    if prefix:
+    if prefix.strip():
         whole, alone = encode(prefix + text), encode(prefix)
         if whole[: len(alone)] == alone and len(whole) > len(alone):
             return whole[len(alone) :]

@@ -366,3 +366,30 @@ def test_a_verbalizer_run_trains_prunes_and_predicts_end_to_end(tmp_path, capsys
     assert [r["prediction"] for r in records] == [r["prediction"] for r in expected]
     flat = lambda recs: [s for r in recs for s in r["scores"]]  # noqa: E731
     assert flat(records) == pytest.approx(flat(expected), abs=1e-6)
+
+
+def test_template_and_words_tokenize_as_they_read_after_the_text_with_a_byte_level_bpe():
+    """GPT-2-style vocabularies mark a word start in the token ("Ġwas"): the template starts a word
+    after the input, and the label word one after the template, as they would in running text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from skeleton.verbalizer import tokens_for
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [
+        "a gripping film . It was great .",
+        "dull . It was terrible .",
+        "It was great",
+        "terrible film",
+    ] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokens = tokens_for(tok, "It was {mask}.", ["terrible", "great"], "causal")
+    running = tok("a gripping film It was great", add_special_tokens=False)["input_ids"]
+    text = tok("a gripping film", add_special_tokens=False)["input_ids"]
+    assert text + tokens.suffix + tokens.words[1] == running
+    assert tokens.predict_offset == len(tokens.suffix) - 1 and not tokens.before_last
+    assert tok.convert_ids_to_tokens(tokens.suffix)[0].startswith("Ġ")  # "ĠIt": a new word, not "filmIt"
