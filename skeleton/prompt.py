@@ -143,7 +143,7 @@ class PromptTunedModel(L.LightningModule):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
         self.task = get_task(task)
-        verbalizer_cfg = check_head(head, verbalizer, self.task)
+        verbalizer_cfg = check_head(head, verbalizer, self.task, head_hidden)
         self.prompt_cfg = prompt_cfg
         self.backbone_name = backbone
         self.verbalizer, self.hparams["verbalizer"] = None, None  # plain values only: checkpoints hold them

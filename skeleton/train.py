@@ -54,7 +54,9 @@ def check_module(cfg: DictConfig) -> None:
     module = cfg.get("module") or {}
     verbalizer = module.get("verbalizer")
     verbalizer = OmegaConf.to_container(verbalizer, resolve=True) if verbalizer is not None else None
-    check_head(module.get("head", "linear"), verbalizer, get_task(cfg.task.name))
+    check_head(
+        module.get("head", "linear"), verbalizer, get_task(cfg.task.name), module.get("head_hidden", 0)
+    )
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path | None = None, has_logger: bool = True) -> list:

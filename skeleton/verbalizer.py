@@ -151,11 +151,16 @@ class VerbalizerConfig:
         return {**self.resolved, "multi_token": self.multi_token}
 
 
-def check_head(head: str, verbalizer, task) -> VerbalizerConfig | None:
+def check_head(head: str, verbalizer, task, head_hidden: int = 0) -> VerbalizerConfig | None:
     """``module.head`` and ``module.verbalizer`` for ``task``, checked before any data or model is
     loaded; the verbalizer settings when the head is one."""
     if head not in HEADS:
         raise ValueError(f"module.head={head!r} is unknown; allowed: {', '.join(HEADS)}")
+    if head == "verbalizer" and head_hidden:
+        raise VerbalizerError(
+            f"module.head_hidden={head_hidden} shapes the linear head only; module.head=verbalizer has no "
+            "hidden layer (it reads the LM's own output layer): set module.head_hidden=0"
+        )
     return VerbalizerConfig.of(verbalizer, task) if head == "verbalizer" else None
 
 

@@ -256,6 +256,12 @@ def test_bad_head_settings_are_refused_naming_the_key(head, verbalizer, task, me
     assert message in str(err.value)
 
 
+def test_a_hidden_layer_is_refused_for_the_verbalizer():
+    with pytest.raises(VerbalizerError, match=re.escape("set module.head_hidden=0")):
+        check_head("verbalizer", None, get_task("sst2"), head_hidden=256)
+    assert check_head("linear", None, get_task("sst2"), head_hidden=256) is None
+
+
 def test_words_by_label_name_follow_the_task_label_order():
     cfg = check_head("verbalizer", {"words": {"positive": "good", "negative": "bad"}}, get_task("sst2"))
     assert cfg.resolved["words"] == ["bad", "good"]
@@ -393,3 +399,18 @@ def test_template_and_words_tokenize_as_they_read_after_the_text_with_a_byte_lev
     assert text + tokens.suffix + tokens.words[1] == running
     assert tokens.predict_offset == len(tokens.suffix) - 1 and not tokens.before_last
     assert tok.convert_ids_to_tokens(tokens.suffix)[0].startswith("Ġ")  # "ĠIt": a new word, not "filmIt"
+
+
+def test_the_linear_default_keeps_the_hashes_of_runs_made_before_the_head_key():
+    """Caches and finished runs made before module.head existed still match; a verbalizer never does."""
+    from omegaconf import OmegaConf
+
+    from skeleton.fingerprints import config_fingerprint
+
+    cfg = compose_config([])
+    before = OmegaConf.to_container(cfg, resolve=True)
+    del before["module"]["head"], before["module"]["verbalizer"]
+    assert config_fingerprint(cfg) == config_fingerprint(OmegaConf.create(before))
+    assert config_fingerprint(compose_config(["module.head=verbalizer"])) != config_fingerprint(cfg)
+    words = compose_config(["module.verbalizer.words=[bad,good]"])
+    assert config_fingerprint(words) != config_fingerprint(cfg)
