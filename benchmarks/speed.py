@@ -29,7 +29,7 @@ METHODS = {"joint": [], "paper": ["skeleton=paper"]}
 TASKS = {
     "sst2": [],
     # MRPC's 3.7k training pairs make an epoch 84 steps: let the step budget, not the epoch, end training
-    "mrpc": ["task=mrpc", "trainer.max_epochs=1000", "trainer.check_val_every_n_epoch=null", "trainer.max_steps=400"],
+    "mrpc": ["task=mrpc", "trainer.max_epochs=1000", "+trainer.check_val_every_n_epoch=null", "trainer.max_steps=400"],
 }
 SHAPES = ((32, 128), (1, 128))  # (batch, tokens) of the second table
 

@@ -17,6 +17,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ DEGENERATE = (
     "(trainer.max_steps) or raise prompt.lr / module.head_lr."
 )
 FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
+MIN_CONFIRM = 20  # examples each part of the search split needs before acceptance=confirm splits it
 
 
 class Eta:
@@ -114,8 +116,8 @@ def run_skeleton(
     cost = cost_model(model, data, cfg, cost_cache, report)
     joint = cfg.pruning.units == Units.JOINT
     table = unit_table(model.backbone, cost) if joint else None
-    if scores is not None and joint and (scores.meta or {}).get("cost") != cost.to_dict():
-        scores = None  # scores ranked under another latency model (re-measured, other shape): rescore
+    if scores is not None and not scores_fit(scores, cfg, cost if joint else None):
+        scores = None  # ranked under other settings or another latency model: score again
     scored = scores is None
     if scored:
         scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report, table=table)
@@ -222,6 +224,16 @@ def drop_of(task, headline: str, dense, pruned, cfg: SkeletonConfig) -> Drop:
     return paired_drop(task, headline, dense, pruned, resamples=cfg.search.resamples)
 
 
+def scores_fit(scores: Scores, cfg: SkeletonConfig, cost: CostModel | None) -> bool:
+    """Whether handed-in (cached) scores were made the way this run would make them."""
+    meta = scores.meta or {}
+    if cost is not None and meta.get("cost") != cost.to_dict():
+        return False
+    if cfg.attribution.heads and scores.heads is not None:
+        return meta.get("head_score", "signed") == str(cfg.attribution.head_score)
+    return True
+
+
 def shape_report(backbone: nn.Module) -> dict:
     """FFN widths, head counts, parameter counts and FLOPs per sequence: the before/after of pruning."""
     return {
@@ -281,6 +293,7 @@ def score_model(
             unsupervised=opts.unsupervised,
             include_prompt=opts.include_prompt,
             heads=opts.heads,
+            head_score=opts.head_score,
             seed=getattr(getattr(model, "hparams", None), "seed", 0),
             reduce_fn=reduce,
         )
@@ -368,6 +381,9 @@ def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split
         preds = collect(model, part)
         base = score(model.task, preds)[headline] if isinstance(preds, Predictions) else evaluate(model, part)[headline]
         parts.append(_Split(part, preds, base))
+    if len(loader.dataset) < 2 * MIN_CONFIRM or any(math.isnan(p.base) for p in parts):
+        base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
+        return _Split(loader, whole, base), None  # too small to split: search on all of it, no confirmation
     return parts[0], parts[1]
 
 
@@ -394,11 +410,10 @@ def search_rate(
 
     def evaluate_on(split: _Split, rate: float) -> tuple[float, Drop | None]:
         keep_ffn, keep_heads = select(rate)
-        with masked(model.backbone, keep_ffn, keep_heads):
-            preds = collect(model, split.loader)
-        if not isinstance(preds, Predictions):
-            with masked(model.backbone, keep_ffn, keep_heads):
-                return evaluate(model, split.loader)[headline], None
+        with candidate(model, keep_ffn, keep_heads) as pruned:
+            preds = collect(pruned, split.loader)
+            if not isinstance(preds, Predictions):
+                return evaluate(pruned, split.loader)[headline], None
         value = score(model.task, preds)[headline]
         drop = None
         if s.acceptance == Acceptance.PAIRED_SE:
@@ -457,7 +472,18 @@ def search_rate(
     )
     rate = found.rate
     if confirm is not None:
-        rate = confirm_rate(confirm, points, rate, evaluate_on, margin, headline, report)
+
+        def passes(r: float) -> bool:
+            value = evaluate_rate(r)
+            ok = accept(r, value)
+            report(f"  rate {r:.2f}: {headline} {value:.4f} {'ok' if ok else 'over margin'} (refining)")
+            return ok
+
+        rate = confirm_rate(
+            confirm, points, rate, evaluate_on, margin, headline, report, passes=passes, granularity=s.granularity
+        )
+    elif s.acceptance == Acceptance.CONFIRM:
+        report(f"  the search split is too small to hold back a confirmation part: the rate is not confirmed")
     unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
     chosen = point(rate)
     report(
@@ -470,10 +496,40 @@ def search_rate(
     return rate, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
 
 
-def confirm_rate(confirm: _Split, points: dict, rate: float, evaluate_on, margin, headline, report) -> float:
+@contextmanager
+def candidate(model: nn.Module, keep_ffn: list, keep_heads: list | None):
+    """The model at one searched rate: the pruned network itself (a copy of the backbone, sliced), which
+    equals the masked one up to float rounding and runs faster the more is pruned; masks on the dense
+    backbone where a family cannot slice what was chosen."""
+    try:
+        twin = copy.deepcopy(model.backbone)
+        prune(twin, keep_ffn, keep_heads)
+    except (NotImplementedError, ValueError):
+        with masked(model.backbone, keep_ffn, keep_heads):
+            yield model
+        return
+    yield model.on_backbone(twin)
+
+
+def confirm_rate(
+    confirm: _Split,
+    points: dict,
+    rate: float,
+    evaluate_on,
+    margin: float,
+    headline: str,
+    report: Report,
+    *,
+    passes: Callable[[float], bool] | None = None,
+    granularity: float = 0.01,
+) -> float:
     """The largest rate the search accepted that the held-back part also keeps within psi: the search
-    part chose among many rates, so its best one is optimistic; the other part has not been looked at."""
-    for candidate in sorted((r for r, p in points.items() if p.get("accepted") and r <= rate), reverse=True):
+    part chose among many rates, so its best one is optimistic; the other part has not been looked at.
+    Steps down the accepted rates; between the first that holds and the one above it that did not, a
+    binary search on the grid (``passes(rate)``: the search part accepts it) finds the largest that both
+    parts keep."""
+
+    def confirmed(candidate: float) -> bool:
         value, _ = evaluate_on(confirm, candidate)
         ok = confirm.base - value <= margin + 1e-12
         points[candidate].update(confirm_score=value, confirm_drop=round((confirm.base - value) * 100, 3))
@@ -482,9 +538,23 @@ def confirm_rate(confirm: _Split, points: dict, rate: float, evaluate_on, margin
             f"  confirm {candidate:.2f} on the held-back part: {headline} {value:.4f} "
             f"(dense {confirm.base:.4f}) {'ok' if ok else 'over margin'}"
         )
-        if ok:
-            return candidate
-    return 0.0
+        return ok
+
+    best, failed = 0.0, None
+    for candidate in sorted((r for r, p in points.items() if p.get("accepted") and r <= rate), reverse=True):
+        if confirmed(candidate):
+            best = candidate
+            break
+        failed = candidate
+    if failed is None or passes is None:
+        return best
+    lo, hi = round(best / granularity), round(failed / granularity)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = round(mid * granularity, 12)
+        ok = passes(candidate) and confirmed(candidate)
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return round(lo * granularity, 12)
 
 
 def prune(backbone: nn.Module, keep_ffn: list, keep_heads: list | None) -> None:

@@ -49,8 +49,12 @@ class CacheError(RuntimeError):
 class PromptCache:
     """One folder per converged prompt: ``<cache_dir>/prompts-v3/<prompt hash>/``."""
 
-    def __init__(self, cfg: DictConfig, root: str | Path, *, data: str, backbone_sha256: str):
+    def __init__(
+        self, cfg: DictConfig, root: str | Path, *, data: str, backbone_sha256: str, skeleton: dict | None = None
+    ):
         config = OmegaConf.to_container(cfg, resolve=True)
+        if skeleton is not None:  # the validated settings, defaults filled in: a new default is a new key
+            config["skeleton"] = skeleton
         identity = {"data": data, "backbone": backbone_sha256, "format": CACHE_FORMAT}
         self.prompt_key = runs.config_hash({**config, "_identity": identity}, NOT_PROMPT)
         score_exclude = tuple(k for k in NOT_PROMPT if k != "skeleton") + NOT_SCORES
@@ -60,7 +64,12 @@ class PromptCache:
     @classmethod
     def of_run(cls, cfg: DictConfig, backbone_sha256: str) -> PromptCache:
         """The entry a run with this (resolved) config and dense backbone used."""
-        return cls(cfg, cfg.paths.cache_dir, data=data_fingerprint(cfg), backbone_sha256=backbone_sha256)
+        from skeleton.localize.config import SkeletonConfig
+
+        settings = SkeletonConfig.from_dict(OmegaConf.to_container(cfg.skeleton, resolve=True)).to_dict()
+        return cls(
+            cfg, cfg.paths.cache_dir, data=data_fingerprint(cfg), backbone_sha256=backbone_sha256, skeleton=settings
+        )
 
     # ---- prompt + head ---------------------------------------------------------------------------
     def has_prompt(self) -> bool:

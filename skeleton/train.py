@@ -108,7 +108,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, settings: SkeletonConfig | None) -
     cache = None
     if settings is not None and cfg.get("reuse", True):
         identity = {"data": expected["data"], "backbone_sha256": model.backbone_identity()["sha256"]}
-        cache = PromptCache(cfg, cfg.paths.cache_dir, **identity)
+        cache = PromptCache(cfg, cfg.paths.cache_dir, **identity, skeleton=settings.to_dict())
     skeleton = SkeletonCallback(settings, cache, cfg.paths.cache_dir) if settings is not None else None
     callbacks = build_callbacks(cfg, run_dir, has_logger=bool(loggers))
     callbacks += [skeleton] if skeleton is not None else []

@@ -20,7 +20,7 @@ def _model(family="bert", n_prompt=0, formulation="classification", seed=0):
 
 
 def _reference(model, batch, *, criterion="attribution", token_agg="mean", magnitude="instance", heads=False,
-               include_prompt=False):  # fmt: skip
+               include_prompt=False, head_score="signed"):  # fmt: skip
     """Per-layer scores the slow, obvious way: retain_grad on hooked inputs, backward, loop over rows."""
     model.eval()
     parts = layer_parts(model.backbone)
@@ -46,7 +46,8 @@ def _reference(model, batch, *, criterion="attribution", token_agg="mean", magni
     for i in range(len(mods)):
         a, g = store[i].detach(), store[i].grad
         s = {"attribution": a * g, "activation": a, "gradient": g}[criterion]
-        if i >= len(parts):
+        channels = i >= len(parts) and head_score == "channels"
+        if i >= len(parts) and not channels:
             s = s.view(*s.shape[:2], parts[0].attn.num_heads, -1).sum(-1)
         rows = []
         for r in range(s.shape[0]):
@@ -54,7 +55,8 @@ def _reference(model, batch, *, criterion="attribution", token_agg="mean", magni
             x = x.abs() if magnitude == "token" else x
             x = {"mean": x.mean(0), "sum": x.sum(0), "max": x.max(0).values}[token_agg]
             rows.append(x.abs() if magnitude == "instance" else x)
-        out.append(torch.stack(rows).mean(0))
+        row = torch.stack(rows).mean(0)
+        out.append(row.view(parts[0].attn.num_heads, -1).sum(-1) if channels else row)
     model.zero_grad(set_to_none=True)
     return out
 
@@ -67,12 +69,13 @@ def _close(a, b, rtol=1e-4, atol=1e-8):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("criterion", ["attribution", "activation", "gradient"])
-def test_matches_reference(family, criterion):
+@pytest.mark.parametrize("head_score", ["signed", "channels"])
+def test_matches_reference(family, criterion, head_score):
     model, batch = _model(family), make_batch()
-    s = _score(model, [batch], criterion=criterion, heads=True)
-    ref = _reference(model, batch, criterion=criterion, heads=True)
+    s = _score(model, [batch], criterion=criterion, heads=True, head_score=head_score)
+    ref = _reference(model, batch, criterion=criterion, heads=True, head_score=head_score)
     _close(s.ffn + s.heads, ref)
-    assert s.num_instances == 4 and s.meta["criterion"] == criterion
+    assert s.num_instances == 4 and s.meta["criterion"] == criterion and s.meta["head_score"] == head_score
 
 
 @pytest.mark.parametrize("token_agg,magnitude", [("max", "token"), ("sum", "instance"), ("mean", "token")])

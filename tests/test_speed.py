@@ -70,19 +70,27 @@ def test_flop_model_matches_the_analytic_flops_of_a_neuron_and_a_head():
 
 
 def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 0.1)  # an idle machine
     backbone = tiny_backbone("bert")
     first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
     files = list((tmp_path / "latency").glob("*.json"))
     assert len(files) == 1 and CostModel.from_dict(json.loads(files[0].read_text())) == first
     monkeypatch.setattr(cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("measured again"))
     assert cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None) == first
-    monkeypatch.undo()
+    monkeypatch.setattr(cost_module, "measure_cost_model", measure_cost_model)
     cached_cost_model(backbone, 8, 16, cache_dir=tmp_path, report=lambda _: None)  # another batch size
     assert len(list((tmp_path / "latency").glob("*.json"))) == 2
     uneven = copy.deepcopy(backbone)
     prune_ffn(uneven, [torch.arange(FFN // 2), None])
     with pytest.raises(ValueError, match="layers all have one shape"):
         cached_cost_model(uneven, 4, 16, cache_dir=tmp_path, report=lambda _: None)
+
+
+def test_a_timing_on_a_busy_machine_ranks_its_run_but_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)
+    said = []
+    cached_cost_model(tiny_backbone("bert"), 4, 16, cache_dir=tmp_path, report=said.append)
+    assert not (tmp_path / "latency").exists() and any("busy machine" in line for line in said)
 
 
 # ---- joint selection -----------------------------------------------------------------------------
@@ -165,7 +173,7 @@ def test_joint_rescoring_stops_once_the_next_drops_no_longer_change():
         return score_neurons(model, [batch], heads=True)
 
     rounds = [0.1, 0.2, 0.3, 0.4]
-    full = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=1.01)
+    full = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=1.0)
     assert len(calls) == 5 and full.meta["rounds"] == 5 and full.meta["stopped_at"] is None
     calls.clear()
     early = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=0.0)
@@ -218,3 +226,56 @@ def test_an_acceptance_rule_decides_instead_of_the_bare_threshold():
         lambda r: curve[round(r, 2)], 0.9, 0.01, lookahead=0, accept=lambda r, s: 0.9 - s + 0.0045 <= 0.01
     )
     assert strict.rate == pytest.approx(0.05)
+
+
+def test_confirmation_walks_down_to_the_largest_rate_the_held_back_part_keeps():
+    from skeleton.pipeline import _Split, confirm_rate
+
+    held_back = _Split(loader=None, dense=None, base=0.90)
+    on_held_back = {0.6: 0.85, 0.5: 0.889, 0.4: 0.895, 0.3: 0.9}  # 0.6 was the search part's lucky pass
+    points = {r: {"accepted": True} for r in on_held_back} | {0.7: {"accepted": False}}
+    asked = []
+
+    def evaluate_on(split, rate):
+        asked.append(rate)
+        return on_held_back[rate], None
+
+    rate = confirm_rate(held_back, points, 0.6, evaluate_on, 0.01, "accuracy", report=lambda _: None)
+    assert rate == 0.4 and asked == [0.6, 0.5, 0.4]
+    assert points[0.6]["confirmed"] is False and points[0.4]["confirmed"] is True
+    assert points[0.5]["confirm_drop"] == pytest.approx(1.1)
+    nothing = {0.6: {"accepted": True}}
+    assert confirm_rate(held_back, nothing, 0.6, lambda s, r: (0.0, None), 0.01, "accuracy", print) == 0.0
+
+
+def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_cached(tmp_path, monkeypatch):
+    backbone = tiny_backbone("bert")
+    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)
+    monkeypatch.setattr(cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed on a busy machine"))
+    assert cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None).kind == "flops"
+    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 0.1)
+    monkeypatch.setattr(cost_module, "measure_cost_model", measure_cost_model)
+    measured = cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None)
+    assert measured.kind == "measured"
+    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)  # busy again: the cached one still counts
+    assert cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None) == measured
+
+
+def test_confirmation_refines_between_the_rate_that_held_and_the_one_that_did_not():
+    from skeleton.pipeline import _Split, confirm_rate
+
+    held_back = _Split(loader=None, dense=None, base=0.90)
+    points = {0.25: {"accepted": True}, 0.37: {"accepted": True}}
+
+    def evaluate_on(split, rate):  # the held-back part keeps psi up to 0.33
+        return (0.90 if rate <= 0.33 else 0.85), None
+
+    def passes(rate):  # the search part accepts everything below 0.37
+        points.setdefault(rate, {})["accepted"] = True
+        return True
+
+    rate = confirm_rate(
+        held_back, points, 0.37, evaluate_on, 0.01, "accuracy", report=lambda _: None, passes=passes
+    )
+    assert rate == pytest.approx(0.33)
+    assert points[0.25]["confirmed"] and not points[0.37]["confirmed"] and points[0.33]["confirmed"]

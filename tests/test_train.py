@@ -38,8 +38,22 @@ def test_skeleton_run_prunes_and_reports(tmp_path):
     assert out.flops.pruned < out.flops.dense
     latency = out.latency
     assert latency.speedup == pytest.approx(latency.dense_ms / latency.pruned_ms)
-    assert out.curve[0] == [0.0, runs.read_summary(run_dir).dense.search["accuracy"]]
+    # joint units; the fixture's 3-example search split is too small to hold back a confirmation part
+    assert out.units == "joint" and len(out.heads["kept"]) == 2
+    chosen = [p for p in out.search_points if p.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["rate"] == out.rate and "confirmed" not in chosen[0]
+    assert [p["rate"] for p in out.search_points] == [r for r, _ in out.curve[1:]]
+    assert all(p["modelled_speedup"] >= 1.0 for p in out.search_points)
+    assert out.modelled_speedup > 1.0 and set(out.drops) == {"search", "dev"}
     assert (run_dir / "skeleton" / "skeleton.json").exists() and out.artifact == str(run_dir / "skeleton")
+
+
+def test_a_point_search_curve_starts_at_the_dense_search_score(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["skeleton.psi=100", "skeleton.search.acceptance=point"], run_dir=run_dir)
+    out = train(cfg).skeleton
+    assert out.curve[0] == [0.0, runs.read_summary(run_dir).dense.search["accuracy"]]
+    assert all(p["accepted"] for p in out.search_points) and "confirmed" not in out.search_points[-1]
 
 
 def test_completed_run_is_skipped(tmp_path, monkeypatch):
@@ -161,28 +175,34 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     from skeleton.uncertainty import Predictions
 
     seen, inside = {}, []
-    real_masked, real_collect = skeleton.pipeline.masked, skeleton.pipeline.collect
+    real_candidate, real_collect = skeleton.pipeline.candidate, skeleton.pipeline.collect
 
     @contextmanager
-    def recording(backbone, ffn_keep=None, head_keep=None):
+    def recording(model, ffn_keep=None, head_keep=None):
         seen["head_keep"] = head_keep
-        with real_masked(backbone, ffn_keep, head_keep):
+        with real_candidate(model, ffn_keep, head_keep) as pruned:
             inside.append(True)
-            yield
+            yield pruned
             inside.pop()
 
     def wrong_when_masked(model, loader):
         preds = real_collect(model, loader)
-        if inside:  # every masked model answers every example wrongly: heads alone are beyond any margin
+        if inside:  # every candidate answers every example wrongly: heads alone are beyond any margin
             wrong = (preds.fields["labels"] + 1) % preds.logits.shape[-1]
             preds = Predictions(torch.nn.functional.one_hot(wrong, preds.logits.shape[-1]).float(), preds.fields)
         return preds
 
-    monkeypatch.setattr(skeleton.pipeline, "masked", recording)
+    monkeypatch.setattr(skeleton.pipeline, "candidate", recording)
     monkeypatch.setattr(skeleton.pipeline, "collect", wrong_when_masked)
     summary = train(
         compose_config(
-            ["skeleton.pruning.units=ffn", "skeleton.pruning.head_rate=0.5", "skeleton.attribution.heads=true", "skeleton.psi=1"],
+            [
+                "skeleton.pruning.units=ffn",
+                "skeleton.pruning.head_rate=0.5",
+                "skeleton.attribution.heads=true",
+                "skeleton.psi=1",
+                "skeleton.search.acceptance=point",
+            ],
             run_dir=tmp_path / "run",
         )
     )

@@ -341,9 +341,14 @@ def _row_scores(a, g, mask, head_dim: int | None, opts) -> torch.Tensor:
             "(rows, positions); content_mask must cover soft-prompt positions too"
         )
     s = _per_token(opts["criterion"], a, g)
+    mask = mask.to(s.device)
+    if head_dim is not None and opts.get("head_score", "signed") == "channels":
+        # each channel aggregated as a neuron's activation is, then summed: the head as the neurons it is
+        channels = _aggregate(s, mask, opts["token_agg"], opts["magnitude"])
+        return channels.view(channels.shape[0], -1, head_dim).sum(-1)
     if head_dim is not None:  # attention head point: sum the per-channel scores of each head
         s = s.view(*s.shape[:2], -1, head_dim).sum(-1)
-    return _aggregate(s, mask.to(s.device), opts["token_agg"], opts["magnitude"])
+    return _aggregate(s, mask, opts["token_agg"], opts["magnitude"])
 
 
 def _check(name: str, value: str, allowed: tuple) -> None:
@@ -363,6 +368,7 @@ def score_neurons(
     unsupervised: bool = DEFAULTS.unsupervised,
     include_prompt: bool = DEFAULTS.include_prompt,
     heads: bool = DEFAULTS.heads,
+    head_score: str = DEFAULTS.head_score,
     seed: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -404,6 +410,7 @@ def score_neurons(
         "unsupervised": unsupervised,
         "include_prompt": include_prompt,
         "heads": heads,
+        "head_score": str(head_score),
         "seed": seed,
         "task_formulation": formulation,
         "model_type": getattr(backbone.config, "model_type", None),

@@ -57,6 +57,11 @@ class Magnitude(Choice):
     INSTANCE = "instance"  # |agg_t a*g|: signed contributions may cancel within an instance
 
 
+class HeadScore(Choice):
+    CHANNELS = "channels"  # sum of the head's channels' scores, each aggregated as a neuron's is
+    SIGNED = "signed"  # the whole head's Taylor estimate: its channels summed per token, then aggregated
+
+
 class Scope(Choice):
     GLOBAL = "global"  # one ranking across layers
     LAYER = "layer"  # the same rate in every layer
@@ -74,6 +79,7 @@ class Acceptance(Choice):
 
 
 class CostKind(Choice):
+    AUTO = "auto"  # a cached measurement, else measured on an idle machine, else FLOPs
     MEASURED = "measured"  # timed once per backbone, device and deployment shape, cached
     FLOPS = "flops"  # analytic: no timing, no fixed sublayer costs
 
@@ -121,6 +127,9 @@ class AttributionConfig:
     max_instances: int = 256
     unsupervised: bool = False  # the model's own predictions as targets (2205.04157)
     heads: bool = True  # also score attention heads (pruning.units=joint ranks them with the neurons)
+    # How a head's channels add up: "channels" scores a head as the neurons it feeds the output projection
+    # with (comparable with FFN neurons); "signed" lets its channels cancel first (README, Choices).
+    head_score: HeadScore = HeadScore.CHANNELS
     # Aggregate over the soft prompt positions too: pruning removes a neuron there as well, and
     # first-layer neurons that mostly process the prompt would score ~0 otherwise (README, Choices).
     include_prompt: bool = True
@@ -130,7 +139,7 @@ class AttributionConfig:
     iterative_until: float = 0.8
     # Stop re-scoring once a round's new scores change at most (1 - this) of what the next round drops
     # (Jaccard overlap of the two drop sets; 1.0 = always run every round). Joint ranking only.
-    iterative_stop: float = 0.8
+    iterative_stop: float = 1.0
 
     def __post_init__(self):
         key = "skeleton.attribution"
@@ -138,6 +147,7 @@ class AttributionConfig:
         self.target = choice(Target, self.target, f"{key}.target")
         self.token_agg = choice(TokenAgg, self.token_agg, f"{key}.token_agg")
         self.magnitude = choice(Magnitude, self.magnitude, f"{key}.magnitude")
+        self.head_score = choice(HeadScore, self.head_score, f"{key}.head_score")
         check(
             self.max_instances >= 1, f"{key}.max_instances", self.max_instances, "score at least 1 instance"
         )
@@ -218,7 +228,7 @@ class SearchConfig:
 
 @dataclass
 class CostConfig:
-    model: CostKind = CostKind.MEASURED
+    model: CostKind = CostKind.AUTO
     batch_size: int | None = None  # deployment batch; None: benchmark.batch_size
     seq_len: int | None = None  # deployment tokens (prompt included); None: the median dev batch's
 

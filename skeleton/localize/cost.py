@@ -259,7 +259,8 @@ def cached_cost_model(
     report=print,
 ) -> CostModel:
     """The measured model from ``cache_dir/latency/<key>.json`` (measured and stored on a miss), or the
-    FLOP model for ``kind="flops"``."""
+    FLOP model for ``kind="flops"``. ``kind="auto"``: the cached measurement if there is one, else a
+    measurement if the machine is idle, else the FLOP model (a timing on a busy machine ranks by noise)."""
     if kind == "flops":
         return flop_cost_model(backbone, batch_size, seq_len)
     path = None
@@ -270,6 +271,13 @@ def cached_cost_model(
                 return CostModel.from_dict(json.loads(path.read_text()))
             except (ValueError, TypeError):
                 report(f"WARNING: unreadable latency model {path}: measuring again")
+    load = _load_per_core()
+    if kind == "auto" and load is not None and load > MAX_LOAD:
+        report(
+            f"the machine is busy (load {load:.1f} per core): ranking by the FLOP model instead of timing "
+            "(skeleton.cost.model=measured times anyway)"
+        )
+        return flop_cost_model(backbone, batch_size, seq_len)
     started = time.perf_counter()
     model = measure_cost_model(backbone, batch_size, seq_len)
     load = _load_per_core()

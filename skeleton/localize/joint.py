@@ -192,7 +192,7 @@ def score_jointly(
             after = _newly_dropped(keys, dropped_round, round_keys, table, rounds[k + 1])
             overlap = len(before & after) / max(len(before | after), 1)
             note = f", next round's drops overlap {overlap:.0%}"
-            if overlap >= stop_overlap:
+            if stop_overlap < 1.0 and overlap >= stop_overlap:
                 stopped_at = rate
         if progress is not None:
             progress(rate, note + (": ranking settled, re-scoring stops" if stopped_at is not None else ""))
