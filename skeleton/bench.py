@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -294,25 +295,26 @@ def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, 
 
 
 def print_table(rows: list[dict], params: dict, console=None) -> None:
-    """Rows per path side by side; `vs base` is the first path's dense latency over this path's pruned one
-    (what pruning and the path buy together)."""
+    """Rows per path side by side. `vs base` is the first path's dense latency over this row's pruned one:
+    what pruning and the path buy together."""
     console = console or Console()
+    base = rows[0].get("base_path", "") if rows else ""
     table = Table(
         title="dense vs pruned: medians of interleaved runs",
         caption="ideal = dense / pruned FLOPs of the transformer layers",
+        box=box.SIMPLE_HEAD,
     )
-    base = rows[0].get("base_path", "") if rows else ""
-    columns = ("device", "batch", "seq", "path", "dense ms", "pruned ms", "speedup", "ideal",
-               f"vs dense {base}", "pruned ex/s")  # fmt: skip
+    columns = ("device", "batch", "seq", "path", "dense ms", "pruned ms", "speedup", "ideal", "vs base")
     for name in columns:
         table.add_column(name, justify="left" if name in ("device", "path") else "right")
     for r in rows:
         table.add_row(
             r["device"], str(r["batch_size"]), str(r["seq_len"]), r.get("path", ""), f"{r['dense_ms']:.2f}",
             f"{r['pruned_ms']:.2f}", f"x{r['speedup']:.2f}", f"x{r['ideal_speedup']:.2f}",
-            f"x{r.get('speedup_vs_base', r['speedup']):.2f}", f"{r['pruned_throughput']:.1f}",
+            f"x{r.get('speedup_vs_base', r['speedup']):.2f}",
         )  # fmt: skip
     console.print(table)
+    console.print(f"vs base = dense {base} ms / pruned ms of the row")
     d, p = params["dense"], params["pruned"]
     for label, key in (("backbone", "total"), ("layers only", "layers"), ("FFN", "ffn")):
         share = 100 * p[key] / max(d[key], 1)
