@@ -3,6 +3,7 @@ and speedups read as ratios within one run, next to the FLOP-based ideal speedup
 
     skeleton-bench runs/sst2/0                      # a run folder (uses its skeleton/), an artifact or an export
     skeleton-bench artifact --device all --batch-sizes 1,32 --seq-lens 128 --output bench.json
+    skeleton-bench artifact --device cpu --paths eager,sdpa,compile,int8    # each path: dense and pruned
 """
 
 from __future__ import annotations

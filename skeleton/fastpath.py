@@ -155,7 +155,9 @@ def check_path(
     if path == "int8":
         if device.type != "cpu":
             raise PathUnsupportedError(
-                path, f"dynamic int8 quantization runs on CPU only (torch's quantized linear), not {device}"
+                path,
+                f"dynamic int8 quantization runs on CPU only (torch's quantized linear), not {device}; "
+                "time it with --device cpu",
             )
         if dtype != torch.float32:
             raise PathUnsupportedError(
