@@ -295,6 +295,10 @@ def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, 
     }
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
 def print_table(rows: list[dict], params: dict, console=None) -> None:
     """Rows per path side by side. `vs base` is the first path's dense latency over this row's pruned one:
     what pruning and the path buy together."""
@@ -310,8 +314,8 @@ def print_table(rows: list[dict], params: dict, console=None) -> None:
         table.add_column(name, justify="left" if name in ("device", "path") else "right")
     for r in rows:
         table.add_row(
-            r["device"], str(r["batch_size"]), str(r["seq_len"]), r.get("path", ""), f"{r['dense_ms']:.2f}",
-            f"{r['pruned_ms']:.2f}", f"x{r['speedup']:.2f}", f"x{r['ideal_speedup']:.2f}",
+            r["device"], str(r["batch_size"]), str(r["seq_len"]), r.get("path", ""), _ms(r["dense_ms"]),
+            _ms(r["pruned_ms"]), f"x{r['speedup']:.2f}", f"x{r['ideal_speedup']:.2f}",
             f"x{r.get('speedup_vs_base', r['speedup']):.2f}",
         )  # fmt: skip
     console.print(table)

@@ -157,6 +157,7 @@ def test_cli_reports_paths_side_by_side_and_names_refusals(tmp_path, capsys):
     assert main([*argv, "--paths", "eager,sdpa,int8", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["paths"] == ["eager", "sdpa", "int8"] and len(result["rows"]) == 3
+    assert "load_per_core" in result
     assert all(r["dense_ms"] > 0 and r["pruned_ms"] > 0 for r in result["rows"])
     printed = capsys.readouterr().out
     assert all(p in printed for p in ("eager", "sdpa", "int8")) and "vs base = dense eager ms" in printed

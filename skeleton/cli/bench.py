@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from skeleton.bench import benchmark, default_devices, load_pair, parameter_summary
+from skeleton.bench import benchmark, default_devices, load_pair, machine_load, parameter_summary
 from skeleton.export import ArtifactError, BackboneMismatchError, resolve_artifact
 from skeleton.fastpath import DTYPES, PATHS, PathUnsupportedError
 from skeleton.localize import UnsupportedArchitectureError, check_adapter
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_per_core": machine_load(),  # 1-minute load average per core when the run ended
         "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
         "rows": rows,
     }
