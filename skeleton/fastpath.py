@@ -137,7 +137,7 @@ def check_path(
             path,
             f"{family} has no SDPA attention in {version}; time it with --paths eager (or compile, int8)",
         )
-    if path == "eager" and _current_attention(backbone) != "eager" and not _can_switch(backbone):
+    if path == "eager" and _current_attention(backbone) not in (None, "eager") and not _can_switch(backbone):
         raise PathUnsupportedError(
             path, f"{family} cannot switch its attention implementation to eager in {version}"
         )
@@ -208,7 +208,7 @@ def prepare(
     out = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     backbone = _backbone(out)
     attention = attention_for(out, path)
-    if _current_attention(backbone) != attention:
+    if _current_attention(backbone) not in (None, attention):  # None: not a transformers model, runs as is
         backbone.set_attn_implementation(attention)
     if path == "int8":
         quantize = _quantize_dynamic()
