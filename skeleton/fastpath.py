@@ -89,12 +89,13 @@ def default_path(model: nn.Module) -> str:
 
 
 def _quantizable(model: nn.Module) -> list[str]:
-    """Names of the nn.Linear modules int8 can take. Zero-width linears (an emptied FFN) are left out:
-    torch's quantized linear with no input features returns uninitialised memory instead of its bias."""
+    """Names of the nn.Linear modules int8 can take. Left out: zero-width linears (an emptied FFN: torch's
+    quantized linear with no input features returns uninitialised memory instead of its bias) and linears
+    without a weight of their own (a verbalizer's output layer tied to the input embeddings)."""
     return [
         name
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and m.in_features > 0 and m.out_features > 0
+        if type(m) is nn.Linear and m.weight is not None and m.in_features > 0 and m.out_features > 0
     ]
 
 

@@ -102,6 +102,18 @@ def test_int8_path_keeps_predictions_and_leaves_empty_linears_alone():
     assert type(pruned.backbone.encoder.layer[0].output.dense) is nn.Linear  # the original is untouched
 
 
+def test_int8_path_on_a_verbalizer_keeps_the_tied_output_layer_in_float():
+    model = PromptTunedModel(backbone="tiny:bert", task="sst2", prompt={"num_tokens": 3}, head="verbalizer",
+                             pooling="auto").eval()  # fmt: skip
+    prune_ffn(model.backbone, [torch.arange(32), torch.arange(0, 64, 2)])
+    batch = synthetic_batch(model, 32, 10)
+    int8 = prepare(model, "int8")
+    assert int8.backbone.encoder.layer[0].output.dense._get_name() == "DynamicQuantizedLinear"
+    with torch.no_grad():
+        want, got = prepare(model, "eager")(batch), int8(batch)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max() and _agreement(got, want) >= 0.9
+
+
 def test_compile_path_matches_eager():
     _, pruned, _, _ = _pair()
     batch = synthetic_batch(pruned, 4, 8)
