@@ -29,7 +29,12 @@ METHODS = {"joint": [], "paper": ["skeleton=paper"]}
 TASKS = {
     "sst2": [],
     # MRPC's 3.7k training pairs make an epoch 84 steps: let the step budget, not the epoch, end training
-    "mrpc": ["task=mrpc", "trainer.max_epochs=1000", "+trainer.check_val_every_n_epoch=null", "trainer.max_steps=400"],
+    "mrpc": [
+        "task=mrpc",
+        "trainer.max_epochs=1000",
+        "+trainer.check_val_every_n_epoch=null",
+        "trainer.max_steps=400",
+    ],
 }
 SHAPES = ((32, 128), (1, 128))  # (batch, tokens) of the second table
 
@@ -131,7 +136,10 @@ def tables(rows: list[dict]) -> str:
                 f"{fmt(median(r['localize_share'] for r in rs), '.0%')} "
                 f"({median(r['localize_s'] for r in rs):.0f} s / {median(r['tuning_s'] for r in rs):.0f} s) |"
             )
-    lines += ["", "| method | task | " + " | ".join(f"speedup batch {b} x {t} tokens" for b, t in SHAPES) + " |"]
+    lines += [
+        "",
+        "| method | task | " + " | ".join(f"speedup batch {b} x {t} tokens" for b, t in SHAPES) + " |",
+    ]
     lines.append("|---|---|" + "---|" * len(SHAPES))
     for method in METHODS:
         for task in TASKS:

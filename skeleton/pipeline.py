@@ -379,7 +379,11 @@ def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split
     parts = []
     for part in split_loader(loader, cfg.search.confirm_fraction, seed):
         preds = collect(model, part)
-        base = score(model.task, preds)[headline] if isinstance(preds, Predictions) else evaluate(model, part)[headline]
+        base = (
+            score(model.task, preds)[headline]
+            if isinstance(preds, Predictions)
+            else evaluate(model, part)[headline]
+        )
         parts.append(_Split(part, preds, base))
     if len(loader.dataset) < 2 * MIN_CONFIRM or any(math.isnan(p.base) for p in parts):
         base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
@@ -480,10 +484,18 @@ def search_rate(
             return ok
 
         rate = confirm_rate(
-            confirm, points, rate, evaluate_on, margin, headline, report, passes=passes, granularity=s.granularity
+            confirm,
+            points,
+            rate,
+            evaluate_on,
+            margin,
+            headline,
+            report,
+            passes=passes,
+            granularity=s.granularity,
         )
     elif s.acceptance == Acceptance.CONFIRM:
-        report(f"  the search split is too small to hold back a confirmation part: the rate is not confirmed")
+        report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
     unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
     chosen = point(rate)
     report(

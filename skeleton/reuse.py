@@ -50,7 +50,13 @@ class PromptCache:
     """One folder per converged prompt: ``<cache_dir>/prompts-v3/<prompt hash>/``."""
 
     def __init__(
-        self, cfg: DictConfig, root: str | Path, *, data: str, backbone_sha256: str, skeleton: dict | None = None
+        self,
+        cfg: DictConfig,
+        root: str | Path,
+        *,
+        data: str,
+        backbone_sha256: str,
+        skeleton: dict | None = None,
     ):
         config = OmegaConf.to_container(cfg, resolve=True)
         if skeleton is not None:  # the validated settings, defaults filled in: a new default is a new key
@@ -68,7 +74,11 @@ class PromptCache:
 
         settings = SkeletonConfig.from_dict(OmegaConf.to_container(cfg.skeleton, resolve=True)).to_dict()
         return cls(
-            cfg, cfg.paths.cache_dir, data=data_fingerprint(cfg), backbone_sha256=backbone_sha256, skeleton=settings
+            cfg,
+            cfg.paths.cache_dir,
+            data=data_fingerprint(cfg),
+            backbone_sha256=backbone_sha256,
+            skeleton=settings,
         )
 
     # ---- prompt + head ---------------------------------------------------------------------------

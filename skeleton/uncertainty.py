@@ -129,7 +129,7 @@ def split_loader(loader: DataLoader, fraction: float, seed: int) -> tuple[DataLo
     original order (length-sorted evaluation batches stay length-sorted)."""
     n = len(loader.dataset)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    cut = min(max(int(round(n * fraction)), 1), n - 1) if n > 1 else n
+    cut = min(max(round(n * fraction), 1), n - 1) if n > 1 else n
     parts = perm[:cut].sort().values, perm[cut:].sort().values
 
     def make(indices: torch.Tensor) -> DataLoader:

@@ -309,7 +309,9 @@ def test_head_pruning_on_scores_without_heads_names_the_fix():
     from skeleton.localize.config import SkeletonConfig
     from skeleton.pipeline import heads_to_keep
 
-    cfg = SkeletonConfig.from_dict({"attribution": {"heads": True}, "pruning": {"units": "ffn", "head_rate": 0.25}})
+    cfg = SkeletonConfig.from_dict(
+        {"attribution": {"heads": True}, "pruning": {"units": "ffn", "head_rate": 0.25}}
+    )
     scores = Scores(ffn=[torch.rand(8)], heads=None, num_instances=1, meta={})
     with pytest.raises(ValueError, match=r"needs head scores: set skeleton\.attribution\.heads=true"):
         heads_to_keep(scores, cfg)

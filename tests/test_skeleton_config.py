@@ -66,5 +66,7 @@ def test_a_bad_value_is_named_with_what_is_allowed(values, named):
 
 
 def test_a_round_trip_through_plain_values_is_exact():
-    cfg = SkeletonConfig.from_dict({"psi": 2, "attribution": {"heads": True}, "pruning": {"units": "ffn", "head_rate": 0.25}})
+    cfg = SkeletonConfig.from_dict(
+        {"psi": 2, "attribution": {"heads": True}, "pruning": {"units": "ffn", "head_rate": 0.25}}
+    )
     assert SkeletonConfig.from_dict(cfg.to_dict()) == cfg

@@ -10,8 +10,8 @@ from tiny_models import FFN, HEADS, LAYERS, StandIn, make_batch, one_thread, tin
 from torch.utils.data import DataLoader
 from transformers import AutoModel
 
-from skeleton.localize import layer_parts, masked, prune_ffn, prune_heads, score_neurons
 from skeleton.localize import cost as cost_module
+from skeleton.localize import masked, prune_ffn, prune_heads, score_neurons
 from skeleton.localize.cost import CostModel, cached_cost_model, flop_cost_model, measure_cost_model
 from skeleton.localize.joint import (
     ranking_keys,
@@ -35,7 +35,18 @@ def _forward(model, batch):
 def _cost(widths=(FFN,) * LAYERS, heads=(HEADS,) * LAYERS) -> CostModel:
     n = len(widths)
     return CostModel(
-        "measured", "ms", 4, 8, "cpu", 1.0, [0.01] * n, [0.5] * n, [0.2] * n, [0.3] * n, list(widths), list(heads)
+        "measured",
+        "ms",
+        4,
+        8,
+        "cpu",
+        1.0,
+        [0.01] * n,
+        [0.5] * n,
+        [0.2] * n,
+        [0.3] * n,
+        list(widths),
+        list(heads),
     )
 
 
@@ -251,14 +262,21 @@ def test_confirmation_walks_down_to_the_largest_rate_the_held_back_part_keeps():
 def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_cached(tmp_path, monkeypatch):
     backbone = tiny_backbone("bert")
     monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)
-    monkeypatch.setattr(cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed on a busy machine"))
-    assert cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None).kind == "flops"
+    monkeypatch.setattr(
+        cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed on a busy machine")
+    )
+    assert (
+        cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None).kind
+        == "flops"
+    )
     monkeypatch.setattr(cost_module, "_load_per_core", lambda: 0.1)
     monkeypatch.setattr(cost_module, "measure_cost_model", measure_cost_model)
     measured = cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None)
     assert measured.kind == "measured"
     monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)  # busy again: the cached one still counts
-    assert cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None) == measured
+    assert (
+        cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None) == measured
+    )
 
 
 def test_confirmation_refines_between_the_rate_that_held_and_the_one_that_did_not():

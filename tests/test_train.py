@@ -153,13 +153,27 @@ def test_training_time_excludes_the_skeleton_step(tmp_path, monkeypatch):
 def test_head_pruning_without_head_scores_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr("skeleton.train.instantiate", lambda *a, **k: pytest.fail("built something first"))
     with pytest.raises(ValueError, match=r"skeleton\.attribution\.heads=true"):
-        train(compose_config(["skeleton.pruning.units=ffn", "skeleton.attribution.heads=false", "skeleton.pruning.head_rate=0.25"], run_dir=tmp_path / "run"))
+        train(
+            compose_config(
+                [
+                    "skeleton.pruning.units=ffn",
+                    "skeleton.attribution.heads=false",
+                    "skeleton.pruning.head_rate=0.25",
+                ],
+                run_dir=tmp_path / "run",
+            )
+        )
 
 
 def test_head_pruning_with_head_scores_removes_heads(tmp_path):
     summary = train(
         compose_config(
-            ["skeleton.pruning.units=ffn", "skeleton.pruning.head_rate=0.25", "skeleton.attribution.heads=true"], run_dir=tmp_path / "run"
+            [
+                "skeleton.pruning.units=ffn",
+                "skeleton.pruning.head_rate=0.25",
+                "skeleton.attribution.heads=true",
+            ],
+            run_dir=tmp_path / "run",
         )
     )
     params = summary.skeleton.backbone_params
@@ -168,10 +182,9 @@ def test_head_pruning_with_head_scores_removes_heads(tmp_path):
 
 def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     """The search masks the chosen heads at every rate; a head_rate that alone breaks psi is flagged."""
-    import skeleton.pipeline
-
     from contextlib import contextmanager
 
+    import skeleton.pipeline
     from skeleton.uncertainty import Predictions
 
     seen, inside = {}, []
@@ -189,7 +202,9 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
         preds = real_collect(model, loader)
         if inside:  # every candidate answers every example wrongly: heads alone are beyond any margin
             wrong = (preds.fields["labels"] + 1) % preds.logits.shape[-1]
-            preds = Predictions(torch.nn.functional.one_hot(wrong, preds.logits.shape[-1]).float(), preds.fields)
+            preds = Predictions(
+                torch.nn.functional.one_hot(wrong, preds.logits.shape[-1]).float(), preds.fields
+            )
         return preds
 
     monkeypatch.setattr(skeleton.pipeline, "candidate", recording)

@@ -81,7 +81,9 @@ def unit_table(backbone: nn.Module, cost: CostModel) -> UnitTable:
 def unit_scores(scores: Scores, table: UnitTable) -> torch.Tensor:
     """(N,) raw scores: neurons as scored, a key/value group as the sum of its query heads' scores."""
     if scores.heads is None:
-        raise ValueError("joint ranking needs head scores: score with heads=True (skeleton.attribution.heads)")
+        raise ValueError(
+            "joint ranking needs head scores: score with heads=True (skeleton.attribution.heads)"
+        )
     ffn = [torch.as_tensor(s).double().view(-1) for s in scores.ffn]
     heads = [torch.as_tensor(s).double().view(-1, g).sum(1) for s, g in zip(scores.heads, table.groups)]
     flat = torch.cat(ffn + heads)
