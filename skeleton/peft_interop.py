@@ -77,6 +77,12 @@ def save_peft_prompt(
 
 def save_peft_adapter(model, path: str | Path) -> Path:
     """A PromptTunedModel's prompt as a PEFT adapter for its dense backbone, with its head beside it."""
+    if getattr(model.prompt, "deep", None) is not None:
+        raise PeftAdapterError(
+            "this model has a deep prompt (prompt.deep=true: vectors at every layer's input), which a PEFT "
+            "PROMPT_TUNING adapter cannot hold (it carries the input prompt only); share the skeleton "
+            "artifact or an export instead (skeleton.export / skeleton.hub)"
+        )
     path = save_peft_prompt(
         model.prompt.embeddings, path, base_model=_dense_name(model), config=model.backbone.config
     )
