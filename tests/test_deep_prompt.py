@@ -308,3 +308,25 @@ def test_config_composes_instantiates_and_keys_the_prompt_cache(tmp_path):
         for name, cfg in cfgs.items()
     }
     assert len(set(keys.values())) == 3
+
+
+def test_whole_run_with_a_reparameterised_deep_prompt_reloads_and_reuses_it(tmp_path):
+    """A real fit (MLP reparameterisation), the Skeleton step, the artifact; its reload scores exactly what
+    the run reported, and a second margin reuses the cached (folded) prompt without training."""
+    from skeleton.evaluate import evaluate
+    from skeleton.train import train
+
+    deep = ["prompt=deep", "prompt.num_tokens=3", "prompt.reparam=8"]
+    cfg = compose_config([*deep, "skeleton.psi=100"], run_dir=tmp_path / "a")
+    first = train(cfg)
+    artifact = read_tensors(tmp_path / "a" / "skeleton" / "skeleton.safetensors")
+    assert sorted(k for k in artifact if k.startswith("prompt.")) == [
+        "prompt.deep.vectors",
+        "prompt.embeddings",
+    ]
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    loaded = load_skeleton(tmp_path / "a")
+    assert evaluate(loaded, data.dev_dataloader()) == pytest.approx(first.skeleton.pruned.dev, abs=1e-6)
+    second = train(compose_config([*deep, "skeleton.psi=0"], run_dir=tmp_path / "b"))
+    assert second.train.get("reused_prompt") and second.dense == first.dense
