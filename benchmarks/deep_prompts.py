@@ -56,8 +56,8 @@ def run(task: str, variant: str, steps: int, out: Path, extra: list[str]) -> dic
 
 
 def table(results: dict, tasks: list[str], variants: list[str]) -> str:
-    head = ["task", "metric"] + [f"{LABELS[v]} (dev)" for v in variants]
-    head += [f"{LABELS[v]} - input only" for v in variants if v != "vocab" and "vocab" in variants]
+    head = ["task", "metric"] + [f"{LABELS[v]}: dev (search split)" for v in variants]
+    head += [f"{LABELS[v]} - input only (dev)" for v in variants if v != "vocab" and "vocab" in variants]
     head += [f"s/step {LABELS[v]}" for v in variants] + ["trainable params " + "/".join(variants)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in tasks:
@@ -66,7 +66,8 @@ def table(results: dict, tasks: list[str], variants: list[str]) -> str:
             continue
         metric = next(iter(runs.values()))["headline_metric"]
         dev = {v: 100 * s["dense"]["dev"][metric] for v, s in runs.items()}
-        row = [task, metric] + [f"{dev[v]:.1f}" if v in dev else "-" for v in variants]
+        search = {v: 100 * s["dense"]["search"][metric] for v, s in runs.items()}
+        row = [task, metric] + [f"{dev[v]:.1f} ({search[v]:.1f})" if v in dev else "-" for v in variants]
         row += [
             f"{dev[v] - dev['vocab']:+.1f}" if v in dev and "vocab" in dev else "-"
             for v in variants
