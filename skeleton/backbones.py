@@ -117,9 +117,32 @@ def load_tokenizer(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise _not_found(source, err) from err
-    if tokenizer.pad_token is None:  # decoder families (GPT-2, LLaMA) ship without one
-        tokenizer.pad_token = tokenizer.eos_token
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Decoder tokenizers (GPT-2, LLaMA) often ship without a pad token: borrow EOS (else UNK, else
+    BOS). Padding is masked out, so which token pads never matters, and borrowing one adds no new
+    embedding to a frozen model. Padding goes on the right: with the soft prompt in front, every row's
+    real tokens then sit at the same positions alone or in a batch, in every family."""
+    if tokenizer.pad_token is None:
+        borrowed = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if borrowed is not None:
+            tokenizer.pad_token = borrowed
+    tokenizer.padding_side = "right"
     return tokenizer
+
+
+def model_type_of_name(name_or_path: str) -> str | None:
+    """The ``model_type`` of a backbone named by hub name, folder or ``tiny:<family>``, without its weights."""
+    if name_or_path.startswith(TINY_PREFIX):
+        return TINY_CONFIGS.get(name_or_path[len(TINY_PREFIX) :], {}).get("model_type")
+    source = resolve_name(name_or_path)
+    _check_local(source)
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except OSError as err:
+        raise _not_found(source, err) from err
 
 
 def load_backbone(name_or_path: str, *, vocab_size: int = 30522, seed: int = 0) -> PreTrainedModel:
@@ -133,6 +156,39 @@ def load_backbone(name_or_path: str, *, vocab_size: int = 30522, seed: int = 0) 
         return AutoModel.from_pretrained(source)
     except OSError as err:
         raise _not_found(source, err) from err
+
+
+class MissingLMHeadError(ValueError):
+    """A backbone saved without its language-model head: a verbalizer would read random weights."""
+
+
+def load_lm(name_or_path: str, kind: str, *, vocab_size: int = 30522, seed: int = 0):
+    """The backbone with its language-model head (``kind``: "causal" or "masked"), as (base model, LM).
+    The base model is the LM's own submodule, so localization, hashing and pruning see the same bare
+    model as with ``load_backbone``; refuses a checkpoint whose LM head weights are missing."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    if name_or_path.startswith(TINY_PREFIX):
+        torch.manual_seed(seed)
+        lm = auto.from_config(tiny_config(name_or_path[len(TINY_PREFIX) :], vocab_size))
+        return lm.base_model, lm
+    source = resolve_name(name_or_path)
+    _check_local(source)
+    try:
+        lm, info = auto.from_pretrained(source, output_loading_info=True)
+    except OSError as err:
+        raise _not_found(source, err) from err
+    prefix = lm.base_model_prefix + "."
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(prefix)]
+    if missing:
+        raise MissingLMHeadError(
+            f"module.head=verbalizer needs the language-model head of {name_or_path!r}, but its checkpoint "
+            f"lacks {sorted(missing)[:4]} (a sentence encoder saved without its MLM head?). Fix: use a "
+            "checkpoint saved with its LM head (AutoModelForMaskedLM / AutoModelForCausalLM), or "
+            "module.head=linear"
+        )
+    return lm.base_model, lm
 
 
 def _check_local(source: str) -> None:

@@ -3,6 +3,7 @@ and speedups read as ratios within one run, next to the FLOP-based ideal speedup
 
     skeleton-bench runs/sst2/0                      # a run folder (uses its skeleton/), an artifact or an export
     skeleton-bench artifact --device all --batch-sizes 1,32 --seq-lens 128 --output bench.json
+    skeleton-bench artifact --device cpu --paths eager,sdpa,compile,int8    # each path: dense and pruned
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -23,6 +25,15 @@ from transformers import AutoModel
 
 from skeleton.evaluate import to_device
 from skeleton.export import KIND_EXPORT, apply_keep, build_dense, load_pruned, read_meta
+from skeleton.fastpath import (
+    PathUnsupportedError,
+    as_dtype,
+    attention_for,
+    check_path,
+    default_path,
+    dtype_name,
+    prepare,
+)
 from skeleton.localize import backbone_flops, count_parameters
 
 
@@ -184,37 +195,83 @@ def benchmark(
     repeats: int = 20,
     warmup: int = 3,
     show: bool = True,
+    *,
+    paths: Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    compile_backend: str = "inductor",
 ) -> list[dict]:
-    """One row per (device, batch size, sequence length): measured latency and speedup next to the ideal
-    (FLOP ratio) speedup, plus backbone and layer-only parameter counts. Models are moved to each device
-    in turn and moved back at the end. Prints a rich table unless show=False."""
+    """One row per (device, sequence length, batch size, path): dense and pruned latency on that path, their
+    speedup next to the ideal (FLOP ratio) speedup, and parameter counts. `paths` (see `skeleton.fastpath`;
+    default: the one transformers picks, sdpa where the family has it) are all checked before anything is
+    timed, and every path's dense and pruned models are called interleaved in one loop, so
+    `speedup_vs_base` (the first path's dense ms / this path's pruned ms) compares within one run too.
+    The models passed in are never changed: each path runs on prepared copies. Prints a table unless
+    show=False."""
     params = parameter_summary(dense, pruned)
-    homes = [(m, _device_of(m)) for m in (dense, pruned)]
+    paths = list(paths or [default_path(pruned)])
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"paths repeat: {paths}")
+    devices = list(devices or default_devices())
+    options = {"dtype": dtype, "compile_backend": compile_backend}
+    for device in devices:  # every refusal before the first timing
+        for path in paths:
+            for model in (dense, pruned):
+                check_path(model, path, device=device, **options)
     rows = []
-    try:
-        for device in devices or default_devices():
-            dense.to(device), pruned.to(device)
-            for seq_len in seq_lens:
-                seen = _seen_length(pruned, seq_len)
-                flops = (
-                    backbone_flops(dense.backbone, seen)["total"],
-                    backbone_flops(pruned.backbone, seen)["total"],
-                )
-                for batch_size in batch_sizes:
-                    batch = synthetic_batch(pruned, batch_size, seq_len, device=device)
-                    t = measure_latency(
-                        {"dense": dense, "pruned": pruned}, batch, repeats=repeats, warmup=warmup
+    for device in devices:
+        models = {}
+        for path in paths:
+            models[f"{path}/dense"] = prepare(dense, path, device=device, **options)
+            models[f"{path}/pruned"] = prepare(pruned, path, device=device, **options)
+        for seq_len in seq_lens:
+            seen = _seen_length(pruned, seq_len)
+            flops = (
+                backbone_flops(dense.backbone, seen)["total"],
+                backbone_flops(pruned.backbone, seen)["total"],
+            )
+            for batch_size in batch_sizes:
+                batch = synthetic_batch(pruned, batch_size, seq_len, device=device)
+                if "compile" in paths:
+                    _compile_for(models, batch)
+                t = measure_latency(models, batch, repeats=repeats, warmup=warmup)
+                base = t[f"{paths[0]}/dense"]["median_ms"]
+                for path in paths:
+                    pair = {"dense": t[f"{path}/dense"], "pruned": t[f"{path}/pruned"]}
+                    row = _row(device, batch_size, seq_len, pair, flops, params)
+                    row.update(
+                        path=path,
+                        attention=attention_for(pruned, path),
+                        dtype=dtype_name(as_dtype(dtype)),
+                        tokens=seen,
+                        base_path=paths[0],
+                        speedup_vs_base=base / max(row["pruned_ms"], 1e-9),
                     )
-                    rows.append(_row(device, batch_size, seq_len, t, flops, params))
-    finally:
-        for model, home in homes:
-            model.to(home)
+                    rows.append(row)
+        del models
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     if show:
         print_table(rows, params)
     return rows
 
 
+def _compile_for(models: dict[str, nn.Module], batch: dict) -> None:
+    """Compile the `compile` path's models for this batch's shape, outside the timed calls. Compiled code
+    is specialised to one shape, so the caches are cleared first: a long grid would otherwise hit
+    dynamo's recompile limit and silently fall back to uncompiled code."""
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for name, model in models.items():
+            if name.startswith("compile/"):
+                try:
+                    model(to_device(batch, _device_of(model)))
+                except Exception as err:  # inductor/dynamo failures are long; the first line names them
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise PathUnsupportedError("compile", f"torch.compile failed: {first[:300]}") from err
+
+
 def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, int], params: dict) -> dict:
+    """Dense and pruned figures of one timing pair (`t`: their measure_latency stats)."""
     d, p = t["dense"], t["pruned"]
     return {
         "device": device,
@@ -238,20 +295,31 @@ def _row(device: str, batch_size: int, seq_len: int, t: dict, flops: tuple[int, 
     }
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
 def print_table(rows: list[dict], params: dict, console=None) -> None:
+    """Rows per path side by side. `vs base` is the first path's dense latency over this row's pruned one:
+    what pruning and the path buy together."""
     console = console or Console()
+    base = rows[0].get("base_path", "") if rows else ""
     table = Table(
         title="dense vs pruned: medians of interleaved runs",
         caption="ideal = dense / pruned FLOPs of the transformer layers",
+        box=box.SIMPLE_HEAD,
     )
-    for name in ("device", "batch", "seq", "dense ms", "pruned ms", "speedup", "ideal", "pruned ex/s"):
-        table.add_column(name, justify="left" if name == "device" else "right")
+    columns = ("device", "batch", "seq", "path", "dense ms", "pruned ms", "speedup", "ideal", "vs base")
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("device", "path") else "right")
     for r in rows:
         table.add_row(
-            r["device"], str(r["batch_size"]), str(r["seq_len"]), f"{r['dense_ms']:.2f}", f"{r['pruned_ms']:.2f}",
-            f"x{r['speedup']:.2f}", f"x{r['ideal_speedup']:.2f}", f"{r['pruned_throughput']:.1f}",
+            r["device"], str(r["batch_size"]), str(r["seq_len"]), r.get("path", ""), _ms(r["dense_ms"]),
+            _ms(r["pruned_ms"]), f"x{r['speedup']:.2f}", f"x{r['ideal_speedup']:.2f}",
+            f"x{r.get('speedup_vs_base', r['speedup']):.2f}",
         )  # fmt: skip
     console.print(table)
+    console.print(f"vs base = dense {base} ms / pruned ms of the row")
     d, p = params["dense"], params["pruned"]
     for label, key in (("backbone", "total"), ("layers only", "layers"), ("FFN", "ffn")):
         share = 100 * p[key] / max(d[key], 1)

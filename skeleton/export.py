@@ -261,10 +261,21 @@ def _state_dict_for_safetensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def refuse_verbalizer(model: PromptTunedModel, what: str) -> None:
+    """Formats that hold the backbone alone cannot carry a verbalizer's LM output layer (yet)."""
+    if model.hparams.get("head", "linear") == "verbalizer":
+        raise ArtifactError(
+            f"{what} does not support module.head=verbalizer: it would need the language model's output "
+            "layer, which it does not save. Save a skeleton artifact (save_skeleton, the run's skeleton/ "
+            "folder) instead: load_skeleton and skeleton-predict rebuild the LM head from the dense backbone"
+        )
+
+
 def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | None = None) -> Path:
     """Write a folder that serves the pruned model without the dense weights: config.json (with
     `skeleton_ffn_widths` / `skeleton_heads_per_layer`), model.safetensors (pruned backbone), tokenizer
     files, skeleton.safetensors (prompt + head) and skeleton.json."""
+    refuse_verbalizer(model, "export_pruned")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     backbone = model.backbone

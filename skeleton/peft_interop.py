@@ -77,6 +77,9 @@ def save_peft_prompt(
 
 def save_peft_adapter(model, path: str | Path) -> Path:
     """A PromptTunedModel's prompt as a PEFT adapter for its dense backbone, with its head beside it."""
+    from skeleton.export import refuse_verbalizer
+
+    refuse_verbalizer(model, "save_peft_adapter")
     if getattr(model.prompt, "deep", None) is not None:
         raise PeftAdapterError(
             "this model has a deep prompt (prompt.deep=true: vectors at every layer's input), which a PEFT "

@@ -8,6 +8,7 @@ mask and positions that cover them. Pooling reads real tokens, never soft ones.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -20,10 +21,11 @@ from transformers import get_scheduler
 from skeleton.backbones import freeze, load_backbone, load_tokenizer, set_dropout, weights_hash
 from skeleton.deep_prompt import DeepPrompt, check_config, optimizer_groups
 from skeleton.heads import TaskHead, task_loss
-from skeleton.localize.arch import adopt_adapter
+from skeleton.localize.arch import adopt_adapter, model_type_of
 from skeleton.tasks import get_task
+from skeleton.verbalizer import check_head, insert_suffix, is_causal
 
-POOLINGS = ("mean", "first", "last", "prompt")
+POOLINGS = ("auto", "mean", "first", "last", "prompt")
 TRAINED = ("prompt.", "head.")  # state-dict prefixes of what prompt tuning trains; the backbone never is
 
 
@@ -109,7 +111,11 @@ class PromptTunedModel(L.LightningModule):
     ``pooling``: ``mean`` over real tokens (default: all-MiniLM-L6-v2 and other sentence encoders
     were trained for mean pooling, and a mean is robust when the prompt shifts the [CLS] position);
     ``first`` reads the real first token ([CLS], right after the prompt); ``last`` the last real
-    token (decoder families); ``prompt`` the mean of the soft-prompt outputs.
+    token (decoder families); ``prompt`` the mean of the soft-prompt outputs; ``auto`` is ``last`` for
+    decoder-only families and ``first`` otherwise (``hparams.pooling`` records the resolved one).
+
+    ``head``: ``linear`` (a small trained head on the pooled output) or ``verbalizer`` (the LM's own
+    log-probabilities of label words, ``skeleton.verbalizer``; ``verbalizer`` holds its settings).
     """
 
     def __init__(
@@ -128,6 +134,8 @@ class PromptTunedModel(L.LightningModule):
         seed: int = 0,
         backbone_module: nn.Module | None = None,
         adapter: str | None = None,
+        head: str = "linear",
+        verbalizer: dict | None = None,
     ):
         """``backbone`` names the weights (hub name, folder, ``demo``, ``tiny:<family>``); pass an
         already built ``backbone_module`` (e.g. a pruned export) to skip loading by name. ``adapter``
@@ -136,14 +144,34 @@ class PromptTunedModel(L.LightningModule):
         rebuild with it."""
         super().__init__()
         prompt_cfg = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
-        self.save_hyperparameters(ignore=["prompt", "backbone_module"])
+        self.save_hyperparameters(ignore=["prompt", "backbone_module", "verbalizer"])
         self.hparams["prompt"] = asdict(prompt_cfg)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
         self.task = get_task(task)
+        verbalizer_cfg = check_head(head, verbalizer, self.task, head_hidden)
         self.prompt_cfg = prompt_cfg
         self.backbone_name = backbone
-        self.backbone = backbone_module if backbone_module is not None else load_backbone(backbone, seed=seed)
+        self.verbalizer, self.hparams["verbalizer"] = None, None  # plain values only: checkpoints hold them
+        if verbalizer_cfg is not None:  # the backbone comes with its LM head; the head reads it
+            from skeleton.verbalizer import build
+
+            built = build(backbone, self.task, verbalizer_cfg, backbone=backbone_module, seed=seed)
+            self.hparams["verbalizer"] = verbalizer_cfg.to_dict()  # resolved: words and template as used
+            self.backbone, self.lm_output, self.verbalizer = built.backbone, built.output, built.tokens
+            self.register_buffer(
+                "_suffix", torch.tensor(built.tokens.suffix, dtype=torch.long), persistent=False
+            )
+        elif backbone_module is not None:
+            self.backbone = backbone_module
+        else:
+            self.backbone = load_backbone(backbone, seed=seed)
+        self._causal = is_causal(model_type_of(self.backbone))
+        self._positions = (
+            self._causal and "position_ids" in inspect.signature(self.backbone.forward).parameters
+        )
+        if pooling == "auto":
+            self.hparams["pooling"] = "last" if self._causal else "first"
         self.hparams["adapter"] = adopt_adapter(self.backbone, adapter)
         freeze(self.backbone)
         set_dropout(self.backbone, backbone_dropout)
@@ -155,7 +183,12 @@ class PromptTunedModel(L.LightningModule):
                 self.backbone, self.prompt.embeddings, prompt_cfg.reparam
             )
         hidden = self.backbone.config.hidden_size
-        self.head = TaskHead(self.task.formulation, hidden, self.task.num_labels, head_hidden, head_dropout)
+        if self.verbalizer is not None:
+            self.head = built.head
+        else:
+            self.head = TaskHead(
+                self.task.formulation, hidden, self.task.num_labels, head_hidden, head_dropout
+            )
         self._uses_token_types = getattr(self.backbone.config, "type_vocab_size", 0) > 1
         self.strict_loading = False  # checkpoints hold prompt + head only, never the backbone
         # Logged as search/* (validation: the split that picks the checkpoint and the rate) and dev/* (test)
@@ -166,9 +199,16 @@ class PromptTunedModel(L.LightningModule):
     def task_formulation(self) -> str:
         return self.task.formulation
 
+    def prepare(self, batch: dict) -> dict:
+        """The batch as the backbone reads it: with the verbalizer's template inserted after the text."""
+        if self.verbalizer is None or "predict_at" in batch:
+            return batch
+        tokens = self.verbalizer
+        return insert_suffix(batch, self._suffix, tokens.before_last, tokens.predict_offset)
+
     def content_mask(self, batch: dict, include_prompt: bool = False) -> torch.Tensor:
         """True where the backbone sees a real token (not padding); soft prompt positions too if asked."""
-        mask = batch["attention_mask"].bool()
+        mask = self.prepare(batch)["attention_mask"].bool()
         make = mask.new_ones if include_prompt else mask.new_zeros
         prompt = make(mask.shape[0], self.prompt.num_tokens)
         return torch.cat([prompt, mask], dim=1)
@@ -183,6 +223,9 @@ class PromptTunedModel(L.LightningModule):
         kwargs = {}
         if self._uses_token_types and "token_type_ids" in batch:
             kwargs["token_type_ids"] = torch.cat([mask.new_zeros(rows, n), batch["token_type_ids"]], dim=1)
+        if self._positions and bool((mask[:, 1:] > mask[:, :-1]).any()):  # padding before a real token:
+            # positions count real tokens only, so a left-padded row reads as a right-padded one
+            kwargs["position_ids"] = (full_mask.cumsum(1) - 1).clamp(min=0)
         deep = getattr(self.prompt, "deep", None)
         with deep.applied(self.backbone, n) if deep is not None else nullcontext():
             out = self.backbone(inputs_embeds=inputs, attention_mask=full_mask, **kwargs)
@@ -191,19 +234,25 @@ class PromptTunedModel(L.LightningModule):
     def pool(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         n = self.prompt.num_tokens
         pooling = self.hparams.pooling
-        if pooling == "first":
-            return hidden[:, n]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if "predict_at" in batch:  # the verbalizer reads where the label word is predicted
+            return hidden[rows, n + batch["predict_at"]]
         if pooling == "prompt":
             return hidden[:, :n].mean(dim=1)
         mask = batch["attention_mask"].to(hidden.dtype)
+        if pooling == "first":  # the first real token, whichever side was padded
+            return hidden[rows, n + batch["attention_mask"].argmax(dim=1)]
         if pooling == "last":
-            last = batch["attention_mask"].sum(dim=1) - 1 + n
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            last = mask.shape[1] - 1 - batch["attention_mask"].flip(1).argmax(dim=1)
+            return hidden[rows, n + last]
         text = hidden[:, n:]
         return (text * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
     def forward(self, batch: dict) -> torch.Tensor:
+        batch = self.prepare(batch)
         pooled = self.pool(self.encode(batch), batch)
+        if self.verbalizer is not None:  # vocabulary log-probabilities from the LM's own output layer
+            pooled = torch.log_softmax(self.lm_output(pooled, self.backbone).float(), dim=-1)
         return self.head(pooled, batch.get("num_choices", 1), batch.get("choice_mask"))
 
     # ---- training ----------------------------------------------------------------------

@@ -145,14 +145,24 @@ def short_dirname(name: str, limit: int = 120) -> str:
     return f"{name[: limit - 13]}~{digest}"
 
 
+# Keys added after runs and caches were made, at the value that reproduces the older behaviour: left out
+# of every hash at that value, so adding a key does not invalidate every cached prompt and finished run.
+NEUTRAL = {
+    "module.head": "linear",
+    "module.verbalizer": {"words": None, "template": None, "multi_token": "mean"},
+}
+
+
 def config_hash(config: dict, exclude: tuple[str, ...] = ()) -> str:
-    """Stable hash of a (nested) config, minus dotted keys in ``exclude``: names caches and reuse."""
+    """Stable hash of a (nested) config, minus dotted keys in ``exclude`` and keys at their ``NEUTRAL``
+    value: names caches and reuse."""
+
+    def kept(key: str, value: Any) -> bool:
+        return key not in exclude and not (key in NEUTRAL and value == NEUTRAL[key])
 
     def strip(node: Any, prefix: str) -> Any:
         if isinstance(node, dict):
-            return {
-                k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items()) if f"{prefix}{k}" not in exclude
-            }
+            return {k: strip(v, f"{prefix}{k}.") for k, v in sorted(node.items()) if kept(f"{prefix}{k}", v)}
         if isinstance(node, list):
             return [strip(v, prefix) for v in node]
         return node

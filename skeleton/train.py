@@ -26,6 +26,8 @@ from skeleton.pipeline import SkeletonResult
 from skeleton.progress import quiet_lightning
 from skeleton.reuse import PromptCache
 from skeleton.summary import Measured, RunSummary
+from skeleton.tasks import get_task
+from skeleton.verbalizer import check_head
 
 register_resolvers()  # train() may be called from Python on a config composed elsewhere
 CHECKPOINTS = "checkpoints"  # Lightning checkpoints of a run, apart from the skeleton artifact
@@ -44,6 +46,17 @@ def skeleton_config(cfg: DictConfig) -> SkeletonConfig | None:
     if not node or not node.get("enabled", False):
         return None
     return SkeletonConfig.from_dict(OmegaConf.to_container(node, resolve=True))
+
+
+def check_module(cfg: DictConfig) -> None:
+    """``module.head`` and ``module.verbalizer`` (a known head, label words that fit the task, a template
+    with one ``{mask}``), checked with the other settings before any data or model is loaded."""
+    module = cfg.get("module") or {}
+    verbalizer = module.get("verbalizer")
+    verbalizer = OmegaConf.to_container(verbalizer, resolve=True) if verbalizer is not None else None
+    check_head(
+        module.get("head", "linear"), verbalizer, get_task(cfg.task.name), module.get("head_hidden", 0)
+    )
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path | None = None, has_logger: bool = True) -> list:
@@ -67,6 +80,7 @@ def train(cfg: DictConfig) -> RunSummary | None:
     """One run. Returns the summary it wrote (or the one a finished run had written), or None when
     another process holds the run folder."""
     settings = skeleton_config(cfg)  # bad settings fail here, before any data, model or Trainer
+    check_module(cfg)
     run_dir = run_dir_of(cfg)
     try:
         with runs.run_lock(run_dir):

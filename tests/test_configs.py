@@ -49,7 +49,7 @@ def test_every_model_config_composes(model):
     overrides = [f"model={model}"] + (["model.backbone=/some/folder"] if model == "local" else [])
     cfg = compose_config(overrides, tiny=False)
     assert cfg.module.backbone == cfg.data.tokenizer == cfg.model.backbone
-    assert cfg.model.pooling in ("mean", "first", "last", "prompt")
+    assert cfg.model.pooling in ("auto", "mean", "first", "last", "prompt")
 
 
 @pytest.mark.parametrize("prompt", options("prompt"))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from skeleton.bench import benchmark, default_devices, load_pair, parameter_summary
+from skeleton.bench import benchmark, default_devices, load_pair, machine_load, parameter_summary
 from skeleton.export import ArtifactError, BackboneMismatchError, resolve_artifact
+from skeleton.fastpath import DTYPES, PATHS, PathUnsupportedError
 from skeleton.localize import UnsupportedArchitectureError, check_adapter
 
 
@@ -24,6 +25,18 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _paths(text: str) -> list[str]:
+    paths = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if not paths or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown path(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(PATHS)}, e.g. eager,sdpa"
+        )
+    if len(set(paths)) != len(paths):
+        raise argparse.ArgumentTypeError(f"a path is named twice in {text!r}")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    parser.add_argument(
+        "--paths",
+        type=_paths,
+        default=None,
+        help=f"comma-separated inference paths, each timed for dense and pruned ({', '.join(PATHS)}); "
+        "default: the attention transformers picks (sdpa where the family has it, else eager)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compile path"
+    )
     parser.add_argument("--output", default="bench.json", help="where to write the rows as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -54,12 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, BackboneMismatchError, FileNotFoundError, UnsupportedArchitectureError) as err:
         print(f"skeleton-bench: error: {err}", file=sys.stderr)
         return 2
-    rows = benchmark(dense, pruned, args.batch_sizes, args.seq_lens, devices, args.repeats, args.warmup)
+    try:
+        rows = benchmark(
+            dense, pruned, args.batch_sizes, args.seq_lens, devices, args.repeats, args.warmup,
+            paths=args.paths, dtype=args.dtype, compile_backend=args.compile_backend,
+        )  # fmt: skip
+    except PathUnsupportedError as err:
+        print(f"skeleton-bench: error: {err}", file=sys.stderr)
+        return 2
     result = {
         "artifact": str(path),
         "task": pruned.task.name,
         "params": parameter_summary(dense, pruned),
+        "paths": list(dict.fromkeys(r["path"] for r in rows)),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_per_core": machine_load(),  # 1-minute load average per core when the run ended
         "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
         "rows": rows,
     }

@@ -24,6 +24,7 @@ COMMON = """\
   task=rte model=minilm seed=1       pick a task, a backbone and a seed
   skeleton.psi=2                     the accuracy margin (points) the pruned model may lose
   skeleton.enabled=false             prompt tuning only
+  module.head=verbalizer             class scores from the LM's own label-word log-probs (decoders, MLMs)
   trainer.max_steps=300              train for a number of steps
   paths.data_dir=/data/glue          a local GLUE/SuperGLUE root (default: the hub)
   logger=csv | logger=none           no W&B
