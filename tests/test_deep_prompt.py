@@ -330,3 +330,42 @@ def test_whole_run_with_a_reparameterised_deep_prompt_reloads_and_reuses_it(tmp_
     assert evaluate(loaded, data.dev_dataloader()) == pytest.approx(first.skeleton.pruned.dev, abs=1e-6)
     second = train(compose_config([*deep, "skeleton.psi=0"], run_dir=tmp_path / "b"))
     assert second.train.get("reused_prompt") and second.dense == first.dense
+
+
+def _left_padded(b: dict) -> dict:
+    """The same rows with their padding moved in front of the text."""
+    out = dict(b)
+    lengths = b["attention_mask"].sum(1)
+    shifts = [int(b["attention_mask"].shape[1] - n) for n in lengths]
+    out["input_ids"] = torch.stack([row.roll(s) for row, s in zip(b["input_ids"], shifts)])
+    out["attention_mask"] = torch.stack([row.roll(s) for row, s in zip(b["attention_mask"], shifts)])
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_deep_prompts_with_the_verbalizer_head_ignore_padding_and_prune_exactly(family):
+    """The verbalizer reads the LM's own output layer; the deep vectors stay at the prompt positions
+    whichever side the text is padded on, and pruning with them equals masking."""
+    from tests.test_verbalizer import loud
+
+    model = PromptTunedModel(
+        backbone=f"tiny:{family}",
+        task="sst2",
+        prompt={"num_tokens": N, "deep": True},
+        head="verbalizer",
+        pooling="auto",
+    )
+    model = loud(model)
+    with torch.no_grad():
+        model.prompt.deep.vectors.add_(torch.randn(model.prompt.deep.vectors.shape))
+    b = batch()
+    dense = logits(model, b)
+    torch.testing.assert_close(logits(model, _left_padded(b)), dense, atol=1e-5, rtol=1e-5)
+    scores = score_neurons(model, [b], heads=True)
+    ffn, heads = select_neurons(scores, 0.5), select_heads(scores, 0.5)
+    with masked(model.backbone, ffn, heads):
+        want = logits(model, b)
+    assert not torch.allclose(want, dense, atol=1e-4)
+    prune_ffn(model.backbone, ffn)
+    prune_heads(model.backbone, heads)
+    torch.testing.assert_close(logits(model, b), want, atol=1e-5, rtol=1e-5)
