@@ -80,6 +80,13 @@ def save_peft_adapter(model, path: str | Path) -> Path:
     from skeleton.export import refuse_verbalizer
 
     refuse_verbalizer(model, "save_peft_adapter")
+    if getattr(model.prompt, "deep", None) is not None:
+        raise PeftAdapterError(
+            "this model has a deep prompt (prompt.deep=true: vectors at every layer's input), which a PEFT "
+            "PROMPT_TUNING adapter cannot hold (it carries the input prompt only); share the skeleton "
+            "artifact or an export instead (skeleton.export / skeleton.hub), or train with an input-only "
+            "prompt (prompt=vocab) for PEFT"
+        )
     path = save_peft_prompt(
         model.prompt.embeddings, path, base_model=_dense_name(model), config=model.backbone.config
     )

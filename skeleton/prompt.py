@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from skeleton.backbones import freeze, load_backbone, load_tokenizer, set_dropout, weights_hash
+from skeleton.deep_prompt import DeepPrompt, check_config, optimizer_groups
 from skeleton.heads import TaskHead, task_loss
 from skeleton.localize.arch import adopt_adapter, model_type_of
 from skeleton.tasks import get_task
@@ -43,8 +45,12 @@ class PromptConfig:
     init_text: str | None = None
     lr: float = 3e-2
     path: str | None = None  # init=peft: a PEFT prompt-tuning adapter folder (skeleton.peft_interop)
+    deep: bool = False  # also vectors at every later layer's input (skeleton.deep_prompt)
+    reparam: int = 0  # deep only: hidden width of the MLP that trains them, folded away after training
+    reparam_lr: float = 1e-4  # that MLP's learning rate
 
     def __post_init__(self):
+        check_config(self)
         if self.init not in PROMPT_INITS:
             raise ValueError(f"prompt.init={self.init!r} is unknown; choose one of {', '.join(PROMPT_INITS)}")
         if self.init == "text" and not self.init_text:
@@ -172,6 +178,10 @@ class PromptTunedModel(L.LightningModule):
         self.backbone_dropout = backbone_dropout
         tokenizer = load_tokenizer(backbone) if prompt_cfg.init == "text" else None
         self.prompt = SoftPrompt.initialise(prompt_cfg, self.backbone.get_input_embeddings(), tokenizer, seed)
+        if prompt_cfg.deep:  # a child of the prompt: trained, saved and counted as the prompt is
+            self.prompt.deep = DeepPrompt.initialise(
+                self.backbone, self.prompt.embeddings, prompt_cfg.reparam
+            )
         hidden = self.backbone.config.hidden_size
         if self.verbalizer is not None:
             self.head = built.head
@@ -216,7 +226,9 @@ class PromptTunedModel(L.LightningModule):
         if self._positions and bool((mask[:, 1:] > mask[:, :-1]).any()):  # padding before a real token:
             # positions count real tokens only, so a left-padded row reads as a right-padded one
             kwargs["position_ids"] = (full_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.backbone(inputs_embeds=inputs, attention_mask=full_mask, **kwargs)
+        deep = getattr(self.prompt, "deep", None)
+        with deep.applied(self.backbone, n) if deep is not None else nullcontext():
+            out = self.backbone(inputs_embeds=inputs, attention_mask=full_mask, **kwargs)
         return out.last_hidden_state
 
     def pool(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -250,6 +262,12 @@ class PromptTunedModel(L.LightningModule):
         if mode and self.backbone_dropout == 0:
             self.backbone.eval()
         return self
+
+    def on_train_end(self) -> None:
+        """Fold a deep prompt's reparameterisation away: from here on only its vectors exist."""
+        deep = getattr(self.prompt, "deep", None)
+        if deep is not None:
+            deep.fold()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = task_loss(self.task.formulation, self(batch), batch["labels"])
@@ -311,11 +329,15 @@ class PromptTunedModel(L.LightningModule):
             raise RuntimeError(f"backbone parameters are trainable but must stay frozen: {stray[:5]}")
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {"trainable": trainable, "total": total, "prompt": self.prompt.embeddings.numel()}
+        return {
+            "trainable": trainable,
+            "total": total,
+            "prompt": sum(p.numel() for p in self.prompt.parameters()),
+        }
 
     def configure_optimizers(self):
         groups = [
-            {"params": list(self.prompt.parameters()), "lr": self.prompt_cfg.lr, "weight_decay": 0.0},
+            *optimizer_groups(self.prompt, self.prompt_cfg.lr, self.prompt_cfg.reparam_lr),
             {
                 "params": list(self.head.parameters()),
                 "lr": self.hparams.head_lr,
