@@ -228,7 +228,7 @@ class SearchConfig:
 
 @dataclass
 class CostConfig:
-    model: CostKind = CostKind.AUTO
+    model: CostKind = CostKind.FLOPS
     batch_size: int | None = None  # deployment batch; None: benchmark.batch_size
     seq_len: int | None = None  # deployment tokens (prompt included); None: the median dev batch's
 
