@@ -48,7 +48,10 @@ def test_choices_are_enums_that_read_as_their_strings():
         ({"search": {"acceptance": "lucky"}}, r"acceptance='lucky' is unknown; choose one of: confirm"),
         ({"search": {"confirm_fraction": 1.0}}, r"confirm_fraction=1.0 is invalid"),
         ({"search": {"acceptance": "paired_se", "resamples": 0}}, r"paired_se needs standard errors"),
-        ({"cost": {"model": "guess"}}, r"cost\.model='guess' is unknown; choose one of: auto, measured, flops"),
+        (
+            {"cost": {"model": "guess"}},
+            r"cost\.model='guess' is unknown; choose one of: auto, measured, flops",
+        ),
         ({"cost": {"seq_len": 0}}, r"cost\.seq_len=0 is invalid"),
         ({"attribution": {"iterative_stop": 1.5}}, r"iterative_stop=1.5 is invalid"),
         ({"pruning": {"round_to": 0}}, r"round_to=0 is invalid"),
