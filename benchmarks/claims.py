@@ -62,7 +62,9 @@ def curves(name: str, model, datamodule, cfg, rates=RATES) -> dict[str, list[lis
         attribution = {**OmegaConf.to_container(cfg.skeleton.attribution), "heads": False, **overrides}
         scores = cached_scores(cfg, model) if not overrides else None  # the run's own, if its cache is here
         if scores is None:
-            settings = SkeletonConfig.from_dict({"attribution": attribution, "pruning": {"scope": scope}})
+            settings = SkeletonConfig.from_dict(
+                {"attribution": attribution, "pruning": {"units": "ffn", "scope": scope}}
+            )
             scores = score_model(model, datamodule, settings, report=lambda _: None)
         points = []
         for rate in rates:

@@ -372,7 +372,8 @@ def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split
     loader = data.search_dataloader()
     headline = model.task.headline
     whole = dense_preds["search"]
-    if cfg.search.acceptance != Acceptance.CONFIRM:
+    small = len(loader.dataset) < 2 * MIN_CONFIRM  # too small to split: search on all of it, unconfirmed
+    if cfg.search.acceptance != Acceptance.CONFIRM or small:
         base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
         return _Split(loader, whole, base), None
     seed = getattr(getattr(model, "hparams", None), "seed", 0)
@@ -385,7 +386,7 @@ def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split
             else evaluate(model, part)[headline]
         )
         parts.append(_Split(part, preds, base))
-    if len(loader.dataset) < 2 * MIN_CONFIRM or any(math.isnan(p.base) for p in parts):
+    if any(math.isnan(p.base) for p in parts):
         base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
         return _Split(loader, whole, base), None  # too small to split: search on all of it, no confirmation
     return parts[0], parts[1]
