@@ -9,9 +9,8 @@ and speedups read as ratios within one run, next to the FLOP-based ideal speedup
 from __future__ import annotations
 
 import copy
-import os
+import functools
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from skeleton.fastpath import (
     prepare,
 )
 from skeleton.localize import backbone_flops, count_parameters
+from skeleton.timing import MAX_LOAD, interleaved_ms, machine_load
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -71,20 +71,13 @@ def measure_latency(models: dict[str, nn.Module], batch: dict, *, repeats: int =
     on_device = {str(d): to_device(batch, d) for d in devices.values()}
     sync = any(d.type == "cuda" for d in devices.values())
     modes = [(mod, mod.training) for m in models.values() for mod in m.modules()]  # exact, per submodule
-    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         for m in models.values():
             m.eval()
-        for step in range(warmup + repeats):
-            for name, model in models.items():
-                if sync:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(on_device[str(devices[name])])
-                if sync:
-                    torch.cuda.synchronize()
-                if step >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1000)
+        calls = {
+            name: functools.partial(model, on_device[str(devices[name])]) for name, model in models.items()
+        }
+        times = interleaved_ms(calls, repeats=repeats, warmup=warmup, sync=sync)
     finally:
         for mod, mode in modes:
             mod.training = mode
@@ -135,15 +128,6 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
 
 
 MAX_SPREAD = 1.5  # p90 / median of the repeats above this: other work interfered with the timing
-MAX_LOAD = 1.0  # runnable processes per core (1-minute load average) above this: the CPU was shared
-
-
-def machine_load() -> float | None:
-    """The 1-minute load average per core, or None where the OS does not report one."""
-    try:
-        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
-    except OSError:
-        return None
 
 
 def synthetic_batch(

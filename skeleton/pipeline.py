@@ -13,6 +13,7 @@ does that, and recovery, which trains, is handed in as ``recover`` so that it ru
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import time
@@ -130,7 +131,7 @@ def run_skeleton(
     )
 
     started = time.perf_counter()
-    select = selector(model.backbone, scores, cfg, table)
+    select = selector(scores, cfg, table)
     rate, curve, points = search_rate(model, data, select, cost, dense, dense_preds, cfg, warnings, report)
     search_s = time.perf_counter() - started
 
@@ -345,17 +346,18 @@ def neurons_to_keep(scores: Scores, rate: float, cfg: SkeletonConfig) -> list[to
 Select = Callable[[float], tuple[list[torch.Tensor], list | None]]
 
 
-def selector(backbone: nn.Module, scores: Scores, cfg: SkeletonConfig, table) -> Select:
+def selector(scores: Scores, cfg: SkeletonConfig, table) -> Select:
     """rate -> (kept neurons, kept heads): for units=joint the rate is the fraction of the units' modelled
-    cost removed; for units=ffn the fraction of FFN neurons, with heads fixed at ``head_rate``."""
+    cost removed; for units=ffn the fraction of FFN neurons, with heads fixed at ``head_rate``. Each
+    rate is selected once (the search, its points and the final pruning ask again)."""
     p = cfg.pruning
     if table is not None:
         keys = ranking_keys(scores, table)
-        return lambda rate: select_units(
-            keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to
+        return functools.cache(
+            lambda rate: select_units(keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to)
         )
     keep_heads = heads_to_keep(scores, cfg)
-    return lambda rate: (neurons_to_keep(scores, rate, cfg), keep_heads)
+    return functools.cache(lambda rate: (neurons_to_keep(scores, rate, cfg), keep_heads))
 
 
 @dataclass
@@ -367,15 +369,16 @@ class _Split:
     base: float
 
 
-def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split, _Split | None]:
+def search_splits(
+    model, data, dense: Measured, dense_preds, cfg: SkeletonConfig
+) -> tuple[_Split, _Split | None]:
     """The split the search evaluates on and the one that confirms its rate (acceptance=confirm)."""
     loader = data.search_dataloader()
     headline = model.task.headline
-    whole = dense_preds["search"]
+    whole = _Split(loader, dense_preds["search"], dense.search[headline])
     small = len(loader.dataset) < 2 * MIN_CONFIRM  # too small to split: search on all of it, unconfirmed
     if cfg.search.acceptance != Acceptance.CONFIRM or small:
-        base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
-        return _Split(loader, whole, base), None
+        return whole, None
     seed = getattr(getattr(model, "hparams", None), "seed", 0)
     parts = []
     for part in split_loader(loader, cfg.search.confirm_fraction, seed):
@@ -387,8 +390,7 @@ def search_splits(model, data, dense_preds, cfg: SkeletonConfig) -> tuple[_Split
         )
         parts.append(_Split(part, preds, base))
     if any(math.isnan(p.base) for p in parts):
-        base = score(model.task, whole)[headline] if isinstance(whole, Predictions) else None
-        return _Split(loader, whole, base), None  # too small to split: search on all of it, no confirmation
+        return whole, None  # a part too small for the metric: search on all of it, no confirmation
     return parts[0], parts[1]
 
 
@@ -403,13 +405,11 @@ def search_rate(
     warnings: list[str],
     report: Report,
 ) -> tuple[float, list[list[float]], list[dict]]:
-    """The largest rate whose search score stays within psi under the acceptance rule, on reversible
-    masks. For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
+    """The largest rate whose search score stays within psi under the acceptance rule, evaluated on
+    pruned copies (``candidate``). For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
     (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict."""
     headline, s, margin = model.task.headline, cfg.search, cfg.margin
-    search, confirm = search_splits(model, data, dense_preds, cfg)
-    if search.base is None:
-        search.base = dense.search[headline]
+    search, confirm = search_splits(model, data, dense, dense_preds, cfg)
     points: dict[float, dict] = {}
     fixed_heads = cfg.pruning.units == Units.FFN and cfg.pruning.head_rate > 0
 

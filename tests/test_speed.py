@@ -81,7 +81,7 @@ def test_flop_model_matches_the_analytic_flops_of_a_neuron_and_a_head():
 
 
 def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 0.1)  # an idle machine
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)  # an idle machine
     backbone = tiny_backbone("bert")
     first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
     files = list((tmp_path / "latency").glob("*.json"))
@@ -98,7 +98,7 @@ def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_p
 
 
 def test_a_timing_on_a_busy_machine_ranks_its_run_but_is_not_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)
     said = []
     cached_cost_model(tiny_backbone("bert"), 4, 16, cache_dir=tmp_path, report=said.append)
     assert not (tmp_path / "latency").exists() and any("busy machine" in line for line in said)
@@ -261,7 +261,7 @@ def test_confirmation_walks_down_to_the_largest_rate_the_held_back_part_keeps():
 
 def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_cached(tmp_path, monkeypatch):
     backbone = tiny_backbone("bert")
-    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)
     monkeypatch.setattr(
         cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed on a busy machine")
     )
@@ -269,11 +269,11 @@ def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_
         cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None).kind
         == "flops"
     )
-    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 0.1)
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)
     monkeypatch.setattr(cost_module, "measure_cost_model", measure_cost_model)
     measured = cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None)
     assert measured.kind == "measured"
-    monkeypatch.setattr(cost_module, "_load_per_core", lambda: 3.0)  # busy again: the cached one still counts
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)  # busy again: the cached one still counts
     assert (
         cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None) == measured
     )
@@ -297,3 +297,44 @@ def test_confirmation_refines_between_the_rate_that_held_and_the_one_that_did_no
     )
     assert rate == pytest.approx(0.33)
     assert points[0.25]["confirmed"] and not points[0.37]["confirmed"] and points[0.33]["confirmed"]
+
+
+def test_joint_ranking_refuses_scores_without_heads_or_of_another_shape():
+    from skeleton.localize import Scores
+
+    table = unit_table(tiny_backbone("bert"), _cost())
+    with pytest.raises(ValueError, match=r"needs head scores: score with heads=True"):
+        unit_scores(Scores(ffn=[torch.rand(FFN)] * LAYERS, heads=None), table)
+    wrong = Scores(ffn=[torch.rand(FFN // 2)] * LAYERS, heads=[torch.rand(HEADS)] * LAYERS)
+    with pytest.raises(ValueError, match=r"scores cover 72 units, the backbone has 136"):
+        unit_scores(wrong, table)
+
+
+def test_an_unreadable_cached_latency_model_is_named_and_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)
+    backbone = tiny_backbone("bert")
+    first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
+    (path,) = (tmp_path / "latency").glob("*.json")
+    path.write_text('{"kind": "measured"}')  # a truncated or older entry
+    said = []
+    again = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=said.append)
+    assert any(f"unreadable latency model {path}: measuring again" in line for line in said)
+    assert again.kind == "measured" and CostModel.from_dict(json.loads(path.read_text())) == again
+    assert again.dense_widths == first.dense_widths
+
+
+def test_a_candidate_the_family_cannot_slice_is_evaluated_on_masks(monkeypatch):
+    import skeleton.pipeline as pipeline
+
+    backbone, batch = tiny_backbone("bert"), make_batch()
+    model = StandIn(backbone).eval()
+    keep_ffn, keep_heads = [torch.arange(FFN // 2)] * LAYERS, [torch.arange(HEADS // 2)] * LAYERS
+    with masked(backbone, keep_ffn, keep_heads):
+        want = _forward(model, batch)
+    monkeypatch.setattr(
+        pipeline, "prune", lambda *a: (_ for _ in ()).throw(NotImplementedError("no slicing"))
+    )
+    with pipeline.candidate(model, keep_ffn, keep_heads) as fallback:
+        assert fallback is model
+        torch.testing.assert_close(_forward(fallback, batch), want)
+    assert not torch.allclose(_forward(model, batch), want)  # the masks are gone afterwards

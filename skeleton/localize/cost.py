@@ -15,9 +15,9 @@ per backbone shape, device, dtype, threads and deployment shape on disk, so it i
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from skeleton.timing import MAX_LOAD, interleaved_ms, machine_load
 
 from .arch import in_features, layer_parts
 from .skip import attention_skippable
@@ -133,24 +135,6 @@ def _uniform(backbone: nn.Module, width: int | None, heads: int | None) -> nn.Mo
     return twin
 
 
-def _time(models: dict[str, nn.Module], batch: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms per model, calls interleaved so that load and frequency drift hit every model alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    sync = any(p.is_cuda for m in models.values() for p in m.parameters())
-    with torch.inference_mode():
-        for step in range(warmup + repeats):
-            for name, model in models.items():
-                if sync:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(batch)
-                if sync:
-                    torch.cuda.synchronize()
-                if step >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure_cost_model(
     backbone: nn.Module, batch_size: int, seq_len: int, *, repeats: int = 7, warmup: int = 2
 ) -> CostModel:
@@ -170,7 +154,6 @@ def measure_cost_model(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(vocab, 1000), (batch_size, seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    was_training = backbone.training
     variants = {
         "dense": (None, None),
         "ffn_half": (width // 2, None),
@@ -179,9 +162,14 @@ def measure_cost_model(
         "heads_min": (None, no_heads),
     }
     models = {k: _Forward(_uniform(backbone, w, h)).eval() for k, (w, h) in variants.items()}
-    backbone.train(was_training)
-    ms = _time(models, batch, repeats, warmup)
-    del models
+    sync = device.type == "cuda"
+    with torch.inference_mode():
+        calls = {k: functools.partial(m, batch) for k, m in models.items()}
+        ms = {
+            k: statistics.median(v)
+            for k, v in interleaved_ms(calls, repeats=repeats, warmup=warmup, sync=sync).items()
+        }
+    del models, calls
     flops = flop_cost_model(backbone, batch_size, seq_len)
     ms_per_mflop = ms["dense"] / max(flops.dense, 1e-12)
     neuron = (ms["dense"] - ms["ffn_half"]) / (n_layers * (width - width // 2))
@@ -208,16 +196,6 @@ def measure_cost_model(
         widths,
         heads,
     )
-
-
-MAX_LOAD = 1.0  # runnable processes per core above which a timing is not kept for later runs
-
-
-def _load_per_core() -> float | None:
-    try:
-        return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
-    except OSError:
-        return None
 
 
 def _device_name(device: torch.device) -> str:
@@ -271,7 +249,7 @@ def cached_cost_model(
                 return CostModel.from_dict(json.loads(path.read_text()))
             except (ValueError, TypeError):
                 report(f"WARNING: unreadable latency model {path}: measuring again")
-    load = _load_per_core()
+    load = machine_load()
     if kind == "auto" and load is not None and load > MAX_LOAD:
         report(
             f"the machine is busy (load {load:.1f} per core): ranking by the FLOP model instead of timing "
@@ -280,7 +258,7 @@ def cached_cost_model(
         return flop_cost_model(backbone, batch_size, seq_len)
     started = time.perf_counter()
     model = measure_cost_model(backbone, batch_size, seq_len)
-    load = _load_per_core()
+    load = machine_load()
     busy = load is not None and load > MAX_LOAD
     where = f", kept in {path}" if path is not None and not busy else ""
     report(f"latency model measured in {time.perf_counter() - started:.1f}s{where}")

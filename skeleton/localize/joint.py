@@ -128,21 +128,13 @@ def select_units(
     and rounding (as in ``select_neurons``) and the one group a non-skippable attention must keep add
     back the best-keyed dropped units of that layer, so the realised rate can be a little lower."""
     keep = _drop_order(keys, table, rate)
-    keep_ffn, keep_heads = [], []
     for i, w in enumerate(table.widths):
         neurons = ((table.layer == i) & ~table.is_head).nonzero().view(-1)
         target = max(int(keep[neurons].sum()), min(min_per_layer, w))
         _add_back(keep, keys, neurons, min(w, math.ceil(target / round_to) * round_to))
         groups = ((table.layer == i) & table.is_head).nonzero().view(-1)
         _add_back(keep, keys, groups, table.min_groups[i])
-        keep_ffn.append(table.index[neurons[keep[neurons]]].sort().values)
-        kept_groups = table.index[groups[keep[groups]]].sort().values
-        keep_heads.append(group_heads(kept_groups, table.groups[i]))
-    return keep_ffn, keep_heads
-
-
-def kept_shape(keep_ffn: list[torch.Tensor], keep_heads: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-    return [len(k) for k in keep_ffn], [len(k) for k in keep_heads]
+    return _keep_lists(keep, table)
 
 
 def _as_scores(keys: torch.Tensor, table: UnitTable, like: Scores, meta: dict) -> Scores:
@@ -212,7 +204,7 @@ def score_jointly(
 
 
 def _keep_lists(kept: torch.Tensor, table: UnitTable) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A kept mask over units as masks per layer (no floors: attribution may mask a whole sublayer)."""
+    """A kept mask over units as sorted kept neuron and query-head indices per layer."""
     keep_ffn, keep_heads = [], []
     for i in range(len(table.widths)):
         neurons = (table.layer == i) & ~table.is_head
