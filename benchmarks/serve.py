@@ -80,6 +80,8 @@ class Server:
                "--threads", str(args.threads)]  # fmt: skip
         if dense:
             cmd.append("--dense")
+        if args.kernel_cache is not None:
+            cmd += ["--kernel-cache", str(args.kernel_cache)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
@@ -99,6 +101,11 @@ class Server:
 
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
+
+    def peak_rss(self) -> int:
+        from skeleton.serve.server import resident_bytes
+
+        return resident_bytes("VmHWM", self.proc.pid) or self.rss()
 
     def close(self) -> None:
         self.client.close()
@@ -166,6 +173,7 @@ def _combine(name, runs: list[dict], servers: dict) -> dict:
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "predictions": runs[0]["predictions"],
         "rss_bytes": sum(s.rss() for s in unique),
+        "peak_rss_bytes": sum(s.peak_rss() for s in unique),
         "stats": {k: v for s in unique for k, v in s.client.get("/stats").json().items()},
         "memory": unique[0].client.get("/memory").json(),
     }
@@ -202,20 +210,24 @@ def _mb(b) -> str:
     return f"{b / 2**20:.1f}"
 
 
-def print_report(results: list[dict], dense_one_rss: int, checks: dict, args) -> None:
+def print_report(results: list[dict], dense_one_rss: int, dense_one_peak: int, checks: dict, args) -> None:
     base = next(r for r in results if r["name"].startswith("(b)"))
     print(f"\n{args.repeats} x {args.requests} requests of 1 input, {args.clients} closed-loop clients, tasks mixed; "
-          f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, {args.threads} torch threads\n")  # fmt: skip
+          f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms, {args.threads} torch threads"
+          f"{'' if args.kernel_cache is None else f', --kernel-cache {args.kernel_cache}'}\n")  # fmt: skip
     print(
-        "| server | throughput (req/s) | vs (b) | p50 ms | p99 ms | mean batch per task | RSS MB | RSS vs one dense |"
+        "| server | throughput (req/s) | vs (b) | p50 ms | p99 ms | mean batch per task | RSS MB | RSS vs one dense "
+        "| peak RSS MB | peak vs one dense |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         batches = ", ".join(f"{t} {s['mean_batch']}" for t, s in sorted(r["stats"].items()))
         print(f"| {r['name']} | {r['throughput']:.1f} | x{r['throughput'] / base['throughput']:.2f} | "
               f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {batches} | {_mb(r['rss_bytes'])} | "
-              f"x{r['rss_bytes'] / dense_one_rss:.2f} |")  # fmt: skip
-    print(f"\none dense model served alone (`--dense`, one task): RSS {_mb(dense_one_rss)} MB")
+              f"x{r['rss_bytes'] / dense_one_rss:.2f} | {_mb(r['peak_rss_bytes'])} | "
+              f"x{r['peak_rss_bytes'] / dense_one_peak:.2f} |")  # fmt: skip
+    print(f"\none dense model served alone (`--dense`, one task): RSS {_mb(dense_one_rss)} MB, "
+          f"peak {_mb(dense_one_peak)} MB")  # fmt: skip
     mem = next(r for r in results if r["name"].startswith("(a)"))["memory"]
     n = len(mem["task_bytes"])
     print("\n| tensor memory | MB |\n|---|---|")
@@ -244,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="(a) and (b) measured in turn this often")
     p.add_argument("--no-per-task", action="store_true", help="skip (c), one dense process per task")
+    p.add_argument("--kernel-cache", type=int, help="start every server with --kernel-cache N")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     from skeleton.export import read_meta, resolve_artifact
@@ -264,15 +277,17 @@ def main(argv=None) -> int:
             per_task[read_meta(path)["task"]] = Server([path], args, dense=True)
         if not args.no_per_task:
             results += measure(f"(c) {len(paths)} dense processes", per_task, plan, args)
-        dense_one_rss = min(s.rss() for s in per_task.values())  # one dense model, one task, alone
+        alone = min(per_task.values(), key=Server.rss)  # one dense model, one task, alone
+        dense_one_rss, dense_one_peak = alone.rss(), alone.peak_rss()
     finally:
         for s in per_task.values():
             s.close()
     checks = agreement(paths, plan, results[0]["predictions"])
-    print_report(results, dense_one_rss, checks, args)
+    print_report(results, dense_one_rss, dense_one_peak, checks, args)
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
         Path(args.json).write_text(json.dumps({"results": slim, "dense_one_rss": dense_one_rss,
+                                               "dense_one_peak": dense_one_peak,
                                                "checks": checks, "args": vars(args)}, indent=2))  # fmt: skip
     return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import SequentialSampler
 
 from skeleton.bench import first_examples, measure_speedup
 from skeleton.evaluate import evaluate, is_degenerate
@@ -43,9 +44,9 @@ from skeleton.localize import (
 )
 from skeleton.localize.config import Acceptance, SkeletonConfig, Units, rounds_of
 from skeleton.localize.cost import CostModel, cached_cost_model
-from skeleton.localize.joint import ranking_keys, score_jointly, select_units, unit_table
+from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, select_units, unit_table
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
-from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_loader
+from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, split_loader
 
 Report = Callable[[str], None]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -119,21 +120,33 @@ def run_skeleton(
     table = unit_table(model.backbone, cost) if joint else None
     if scores is not None and not scores_fit(scores, cfg, cost if joint else None):
         scores = None  # ranked under other settings or another latency model: score again
-    scored = scores is None
-    if scored:
-        scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report, table=table)
+    scored, ranking = scores is None, None
     if joint:
-        scores.meta["cost"] = cost.to_dict()
+        ranking = joint_ranking(
+            model, data, cfg, table, start=scores, shard=shard, reduce=reduce, report=report
+        )
+        scores = ranking.scores()
+    elif scored:
+        scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report)
     attribution_s = time.perf_counter() - started
     report(
         f"attribution ({cfg.attribution.criterion}) over {scores.num_instances} instances"
-        f" ({scores.meta.get('rounds', 1)} passes): {attribution_s:.1f}s"
+        f" ({scores.meta.get('rounds', 1)} passes{_lazy_note(ranking)}): {attribution_s:.1f}s"
     )
 
     started = time.perf_counter()
-    select = selector(scores, cfg, table)
+    rounds_before = ranking.seconds if ranking is not None else 0.0
+    select = selector(ranking if ranking is not None else scores, cfg, table)
     rate, curve, points = search_rate(model, data, select, cost, dense, dense_preds, cfg, warnings, report)
     search_s = time.perf_counter() - started
+    if ranking is not None:  # the rounds the search asked for are attribution time, not search time
+        in_search = ranking.seconds - rounds_before
+        attribution_s, search_s = attribution_s + in_search, search_s - in_search
+        scores, scored = ranking.scores(), scored or ranking.passes_run > 0
+        scores.meta["cost"] = cost.to_dict()
+        report(
+            f"attribution: {scores.meta['rounds']} passes in all, {in_search:.1f}s of them asked by the search"
+        )
 
     keep_ffn, keep_heads = select(rate)
     dense_backbone = copy.deepcopy(model.backbone)
@@ -266,19 +279,16 @@ def cost_model(model: nn.Module, data, cfg: SkeletonConfig, cache_dir, report: R
     return cost
 
 
-def score_model(
+def scorer(
     model: nn.Module,
     data,
     cfg: SkeletonConfig,
     *,
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce | None = None,
-    report: Report = print,
-    table=None,
-) -> Scores:
-    """Attribution over this rank's share of the sample (sums reduced over ranks). Iterative attribution
-    scores once per round under the mask of the rounds before; with a unit ``table`` (joint ranking) the
-    rounds mask heads and neurons by score per cost and stop once the ranking settles."""
+) -> Callable[[], Scores]:
+    """One attribution pass over this rank's share of the sample (sums reduced over ranks), scoring the
+    backbone as it is currently masked."""
     rank, world = shard
     opts = cfg.attribution
 
@@ -299,23 +309,26 @@ def score_model(
             reduce_fn=reduce,
         )
 
+    return score_once
+
+
+def score_model(
+    model: nn.Module,
+    data,
+    cfg: SkeletonConfig,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
+    report: Report = print,
+) -> Scores:
+    """units=ffn: attribution over this rank's share of the sample; iterative attribution scores once per
+    round under the mask of the rounds before (units=joint ranks with ``joint_ranking``)."""
+    opts = cfg.attribution
+    score_once = scorer(model, data, cfg, shard=shard, reduce=reduce)
     rounds = rounds_of(opts.iterative_step, opts.iterative_until) if opts.iterative else []
-    eta = Eta(len(rounds) + 1, done=1)  # a pass per round
-    if table is not None:
-        if not rounds:
-            return score_once()
-        return score_jointly(
-            score_once,
-            model.backbone,
-            table,
-            rounds=rounds,
-            stop_overlap=opts.iterative_stop,
-            progress=lambda rate, note: report(
-                f"  attribution re-scored with {rate:.0%} of the cost masked{note} ({eta.step()})"
-            ),
-        )
     if not rounds:
         return score_once()
+    eta = Eta(len(rounds) + 1, done=1)  # a pass per round
     return score_iteratively(
         score_once,
         model.backbone,
@@ -324,6 +337,47 @@ def score_model(
         scope=cfg.pruning.scope,
         progress=lambda rate, _: report(f"  attribution re-scored with {rate:.0%} masked ({eta.step()})"),
     )
+
+
+def joint_ranking(
+    model: nn.Module,
+    data,
+    cfg: SkeletonConfig,
+    table: UnitTable,
+    *,
+    start: Scores | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
+    report: Report = print,
+) -> JointRanking:
+    """The joint ranking (heads and neurons by score per cost), resumed from ``start`` (cached scores)
+    where they fit. Its re-scoring rounds run as the search asks for rates (``lazy_rounds``), or all now:
+    in a distributed run every rank must run the same passes, and each rank's search might not agree."""
+    opts = cfg.attribution
+    rounds = rounds_of(opts.iterative_step, opts.iterative_until) if opts.iterative else []
+    if start is not None and not JointRanking.resumes(start, table, rounds):
+        start = None
+    eta = Eta(len(rounds) + 1, done=int(start.meta.get("rounds", 1)) if start is not None else 1)
+    ranking = JointRanking(
+        scorer(model, data, cfg, shard=shard, reduce=reduce),
+        model.backbone,
+        table,
+        rounds=rounds,
+        stop_overlap=opts.iterative_stop,
+        progress=lambda rate, note: report(
+            f"  attribution re-scored with {rate:.0%} of the cost masked{note} ({eta.step()})"
+        ),
+        start=start,
+    )
+    if not opts.lazy_rounds or shard[1] > 1:
+        ranking.complete()
+    return ranking
+
+
+def _lazy_note(ranking: JointRanking | None) -> str:
+    if ranking is None or ranking.exact_up_to >= 1.0:
+        return ""
+    return f"; later rounds run when the search asks for rates past {ranking.exact_up_to:.0%}"
 
 
 def heads_to_keep(scores: Scores, cfg: SkeletonConfig) -> list | None:
@@ -346,16 +400,21 @@ def neurons_to_keep(scores: Scores, rate: float, cfg: SkeletonConfig) -> list[to
 Select = Callable[[float], tuple[list[torch.Tensor], list | None]]
 
 
-def selector(scores: Scores, cfg: SkeletonConfig, table) -> Select:
+def selector(scores: Scores | JointRanking, cfg: SkeletonConfig, table) -> Select:
     """rate -> (kept neurons, kept heads): for units=joint the rate is the fraction of the units' modelled
-    cost removed; for units=ffn the fraction of FFN neurons, with heads fixed at ``head_rate``. Each
-    rate is selected once (the search, its points and the final pruning ask again)."""
+    cost removed (the ranking re-scored as far as that rate needs); for units=ffn the fraction of FFN
+    neurons, with heads fixed at ``head_rate``. Each rate is selected once (the search, its points and
+    the final pruning ask again)."""
     p = cfg.pruning
     if table is not None:
-        keys = ranking_keys(scores, table)
-        return functools.cache(
-            lambda rate: select_units(keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to)
-        )
+        ranking = scores if isinstance(scores, JointRanking) else None
+        fixed = ranking_keys(scores, table) if ranking is None else None
+
+        def select(rate: float):
+            keys = fixed if ranking is None else ranking.keys_for(rate)
+            return select_units(keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to)
+
+        return functools.cache(select)
     keep_heads = heads_to_keep(scores, cfg)
     return functools.cache(lambda rate: (neurons_to_keep(scores, rate, cfg), keep_heads))
 
@@ -380,9 +439,19 @@ def search_splits(
     if cfg.search.acceptance != Acceptance.CONFIRM or small:
         return whole, None
     seed = getattr(getattr(model, "hparams", None), "seed", 0)
+    fraction = cfg.search.confirm_fraction
+    whole_preds = dense_preds["search"]
+    sliceable = (
+        isinstance(whole_preds, Predictions)
+        and len(whole_preds) == len(loader.dataset)
+        and isinstance(loader.sampler, SequentialSampler)
+    )
     parts = []
-    for part in split_loader(loader, cfg.search.confirm_fraction, seed):
-        preds = collect(model, part)
+    for part, index in zip(
+        split_loader(loader, fraction, seed), split_indices(len(loader.dataset), fraction, seed)
+    ):
+        # the dense predictions of a part are those of its examples on the whole split (no second pass)
+        preds = whole_preds.take(index) if sliceable else collect(model, part)
         base = (
             score(model.task, preds)[headline]
             if isinstance(preds, Predictions)

@@ -124,13 +124,16 @@ class _Blocks:
         return tuple(self.blocks[i] for i in index.tolist())
 
 
-def split_loader(loader: DataLoader, fraction: float, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Two disjoint loaders over a seeded ``fraction`` / rest of ``loader``'s examples, each in the
-    original order (length-sorted evaluation batches stay length-sorted)."""
-    n = len(loader.dataset)
+def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded ``fraction`` / rest of ``range(n)``, disjoint, each sorted."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     cut = min(max(round(n * fraction), 1), n - 1) if n > 1 else n
-    parts = perm[:cut].sort().values, perm[cut:].sort().values
+    return perm[:cut].sort().values, perm[cut:].sort().values
+
+
+def split_loader(loader: DataLoader, fraction: float, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Two disjoint loaders over a seeded ``fraction`` / rest of ``loader``'s examples (``split_indices``),
+    each in the original order (length-sorted evaluation batches stay length-sorted)."""
 
     def make(indices: torch.Tensor) -> DataLoader:
         return DataLoader(
@@ -140,4 +143,5 @@ def split_loader(loader: DataLoader, fraction: float, seed: int) -> tuple[DataLo
             num_workers=loader.num_workers,
         )
 
-    return make(parts[0]), make(parts[1])
+    first, rest = split_indices(len(loader.dataset), fraction, seed)
+    return make(first), make(rest)

@@ -162,6 +162,7 @@ def _free_port() -> int:
 def server(skeletons, tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)  # the server's own default must apply
     cmd = [sys.executable, "-m", "skeleton.serve.server", *(str(skeletons[t].parent) for t in KEEP)]
     cmd += ["--port", str(port), "--max-length", str(MAX_LENGTH), "--max-batch-size", "8",
             "--max-wait-ms", "20", "--threads", "1"]  # fmt: skip
@@ -232,6 +233,8 @@ def test_task_list_and_health(server, skeletons):
     assert server.get("/health").json() == {"status": "ok", "tasks": ["mrpc", "sst2", "stsb"]}
     mem = server.get("/memory").json()
     assert mem["rss_bytes"] > mem["total_bytes"] > mem["shared_bytes"]
+    assert mem["peak_rss_bytes"] >= mem["rss_bytes"]
+    assert mem["kernel_cache"] == "0"  # set before the first forward pass (README, Serving)
 
 
 def test_hot_registration_and_removal(server, skeletons):

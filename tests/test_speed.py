@@ -14,6 +14,7 @@ from skeleton.localize import cost as cost_module
 from skeleton.localize import masked, prune_ffn, prune_heads, score_neurons
 from skeleton.localize.cost import CostModel, cached_cost_model, flop_cost_model, measure_cost_model
 from skeleton.localize.joint import (
+    JointRanking,
     ranking_keys,
     score_jointly,
     select_units,
@@ -22,7 +23,7 @@ from skeleton.localize.joint import (
 )
 from skeleton.localize.search import search_pruning_rate
 from skeleton.tasks import get_task
-from skeleton.uncertainty import Predictions, paired_drop, split_loader
+from skeleton.uncertainty import Predictions, paired_drop, split_indices, split_loader
 
 assert one_thread  # autouse fixture
 
@@ -227,6 +228,8 @@ def test_split_loader_halves_are_disjoint_complete_and_in_order():
     assert sorted(got_a + got_b) == list(range(101)) and not set(got_a) & set(got_b)
     assert got_a == sorted(got_a) and got_b == sorted(got_b) and abs(len(got_a) - 50) <= 1
     assert [int(x) for batch in split_loader(loader, 0.5, seed=3)[0] for x in batch] == got_a
+    first, rest = split_indices(101, 0.5, seed=3)  # what the search slices the dense predictions with
+    assert first.tolist() == got_a and rest.tolist() == got_b
 
 
 def test_an_acceptance_rule_decides_instead_of_the_bare_threshold():
@@ -338,3 +341,67 @@ def test_a_candidate_the_family_cannot_slice_is_evaluated_on_masks(monkeypatch):
         assert fallback is model
         torch.testing.assert_close(_forward(fallback, batch), want)
     assert not torch.allclose(_forward(model, batch), want)  # the masks are gone afterwards
+
+
+def test_lazy_rounds_give_the_full_ranking_at_every_rate_they_cover_and_resume_from_saved_scores():
+    backbone, batch = tiny_backbone("bert"), make_batch()
+    model = StandIn(backbone).eval()
+    table = unit_table(backbone, _cost())
+    calls = []
+
+    def score_once():
+        calls.append(1)
+        return score_neurons(model, [batch], heads=True)
+
+    rounds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    full_keys = ranking_keys(score_jointly(score_once, backbone, table, rounds=rounds), table)
+    calls.clear()
+    lazy = JointRanking(score_once, backbone, table, rounds=rounds)
+    assert len(calls) == 1 and lazy.exact_up_to >= 0.1  # a round masks at least its rate
+    lazy.keys_for(0.3)  # the rounds at 10% and 20%, no more: the one at 30% only orders what lies past it
+    assert lazy.done == 2 and len(calls) == 3 and lazy.exact_up_to >= 0.3
+    covered, done = lazy.exact_up_to, lazy.done
+
+    def same(keys, rate):
+        got, want = select_units(keys, table, rate), select_units(full_keys, table, rate)
+        return all(torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
+
+    assert all(same(lazy.keys_for(r), r) for r in (0.0, 0.05, 0.1, 0.17, 0.25, covered))
+    assert len(calls) == done + 1
+    assert not same(lazy.ranking, 0.55)  # past what it covers the ranking is not yet the full one
+    saved = lazy.scores()
+    assert saved.meta["rounds"] == done + 1 and saved.meta["exact_up_to"] == covered
+    calls.clear()
+    resumed = JointRanking(score_once, backbone, table, rounds=rounds, start=saved)
+    assert len(calls) == 0 and resumed.exact_up_to == covered
+    assert all(same(resumed.keys_for(r), r) for r in (0.2, covered, 0.4))
+    assert resumed.passes_run == len(calls) == resumed.done - done == 1  # only the round at 30%
+    assert all(same(resumed.keys_for(r), r) for r in (0.45, 0.61, 0.9, 1.0))
+    assert resumed.scores().meta["rounds"] == len(rounds) + 1
+    assert not JointRanking.resumes(saved, table, rounds[:3])  # saved under other rounds: score again
+    saved.meta["ranking_version"] = 1  # or by an earlier definition of a round's mask
+    assert not JointRanking.resumes(saved, table, rounds)
+
+
+def test_each_search_half_scores_the_dense_model_as_a_pass_over_it_would(monkeypatch):
+    """acceptance=confirm: the halves' dense predictions are sliced from the whole split's, not scored again."""
+    from hydra.utils import instantiate
+
+    import skeleton.pipeline as pipeline
+    from skeleton.localize.config import SkeletonConfig
+    from skeleton.uncertainty import collect
+    from tests.helpers import compose_config
+
+    monkeypatch.setattr(pipeline, "MIN_CONFIRM", 2)  # the fixtures are small: halves of 3 examples
+    cfg = compose_config(["data.search_size=6"])
+    data, model = instantiate(cfg.data), instantiate(cfg.module).eval()
+    data.setup("fit")
+    dense, preds = pipeline.measure(model, data)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "collect", lambda *a: pytest.fail("the dense model was run again"))
+        search, confirm = pipeline.search_splits(model, data, dense, preds, SkeletonConfig(psi=1.0))
+    assert confirm is not None and len(search.dense) + len(confirm.dense) == len(preds["search"])
+    for part in (search, confirm):
+        again = collect(model, part.loader)
+        assert torch.allclose(part.dense.logits, again.logits, atol=1e-5)
+        assert torch.equal(part.dense.fields["labels"], again.fields["labels"])

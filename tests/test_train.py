@@ -74,12 +74,35 @@ def test_second_margin_reuses_prompt_and_scores(tmp_path, monkeypatch):
     import skeleton.pipeline
 
     monkeypatch.setattr(lightning.Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(skeleton.pipeline, "score_model", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(skeleton.pipeline, "score_neurons", lambda *a, **k: pytest.fail("scored again"))
     second = train(compose_config(["skeleton.psi=0"], run_dir=tmp_path / "psi0"))
     assert second.train["reused_prompt"]
     assert second.train["steps"] == first.train["steps"]
     assert second.dense == first.dense
     assert second.skeleton.psi == 0 and second.skeleton.rate <= first.skeleton.rate
+
+
+def test_a_wider_margin_extends_the_cached_ranking_to_what_a_fresh_run_finds(tmp_path, monkeypatch):
+    """A search capped at 25% runs only the re-scoring rounds its rates need; psi=100 then resumes the
+    cached partial ranking, runs the rest, and prunes exactly what a run that scored everything prunes."""
+    import skeleton.pipeline
+
+    passes = []
+    score_neurons = skeleton.pipeline.score_neurons
+    monkeypatch.setattr(
+        skeleton.pipeline, "score_neurons", lambda *a, **k: passes.append(1) or score_neurons(*a, **k)
+    )
+    narrow = train(compose_config(["skeleton.search.max_rate=0.25"], run_dir=tmp_path / "narrow"))
+    partial = len(passes)
+    wide = train(compose_config(["skeleton.psi=100"], run_dir=tmp_path / "psi100"))
+    extended = len(passes) - partial
+    fresh = train(compose_config(["skeleton.psi=100", "reuse=false"], run_dir=tmp_path / "fresh"))
+    full = len(passes) - partial - extended
+    assert narrow.skeleton.rate <= 0.25 and 1 < partial < full
+    assert extended == full - partial  # wide ran only the rounds narrow had not
+    assert wide.train["reused_prompt"] and wide.skeleton.rate == fresh.skeleton.rate
+    assert wide.skeleton.ffn == fresh.skeleton.ffn and wide.skeleton.heads == fresh.skeleton.heads
+    assert wide.skeleton.pruned == fresh.skeleton.pruned
 
 
 def test_changing_the_prompt_config_does_not_reuse(tmp_path):

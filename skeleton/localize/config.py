@@ -140,6 +140,9 @@ class AttributionConfig:
     # Stop re-scoring once a round's new scores change at most (1 - this) of what the next round drops
     # (Jaccard overlap of the two drop sets; 1.0 = always run every round). Joint ranking only.
     iterative_stop: float = 1.0
+    # Joint ranking: run a re-scoring round only when the search asks for a rate it decides (the ranking
+    # up to a round's rate is exact without the rounds after it, so the result is the same, sooner).
+    lazy_rounds: bool = True
 
     def __post_init__(self):
         key = "skeleton.attribution"

@@ -83,16 +83,28 @@ def _run_batch(model, task, encoded_list):
     return model.run(task, encoded_list)
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set size (Linux /proc; None elsewhere)."""
+def resident_bytes(field: str = "VmRSS", pid: int | str = "self") -> int | None:
+    """A process's resident set size (``VmHWM``: its peak) from Linux /proc; None elsewhere."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+KERNEL_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def limit_kernel_cache(capacity: int) -> str:
+    """Cap oneDNN's kernel cache (PyTorch's CPU linears) before the first forward pass; a capacity the
+    user set in the environment wins. oneDNN keeps one compiled kernel, with its buffers, per distinct
+    matrix shape, and a multi-task server meets many (every task's widths x every batch shape): with
+    the default cache its resident memory grew by hundreds of MB under load, for no speed (README,
+    Serving). Returns the capacity in force."""
+    return os.environ.setdefault(KERNEL_CACHE_ENV, str(capacity))
 
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -200,7 +212,12 @@ def create_app(replicas: Replicas, config: ServeConfig | None = None):
 
     @app.get("/memory")
     async def memory():
-        return {**replicas.first.memory(), "rss_bytes": resident_bytes()}
+        return {
+            **replicas.first.memory(),
+            "rss_bytes": resident_bytes(),
+            "peak_rss_bytes": resident_bytes("VmHWM"),
+            "kernel_cache": os.environ.get(KERNEL_CACHE_ENV),
+        }
 
     @app.get("/stats")
     async def stats():
@@ -245,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-dense-ffn",
         action="store_true",
         help="keep the dense FFN weights resident (default: freed once sliced, re-read to register)",
+    )
+    p.add_argument(
+        "--kernel-cache",
+        type=int,
+        default=0,
+        help=f"oneDNN kernels kept per process (default 0; {KERNEL_CACHE_ENV} in the environment wins)",
     )
     p.add_argument("--log-level", default="warning")
     return p
@@ -303,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    limit_kernel_cache(args.kernel_cache)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         replicas = build_replicas(args)
