@@ -46,7 +46,7 @@ from skeleton.localize.config import Acceptance, SkeletonConfig, Units, rounds_o
 from skeleton.localize.cost import CostModel, cached_cost_model
 from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, select_units, unit_table
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
-from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, split_loader
+from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, subset_loader
 
 Report = Callable[[str], None]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -355,9 +355,6 @@ def joint_ranking(
     in a distributed run every rank must run the same passes, and each rank's search might not agree."""
     opts = cfg.attribution
     rounds = rounds_of(opts.iterative_step, opts.iterative_until) if opts.iterative else []
-    if start is not None and not JointRanking.resumes(start, table, rounds):
-        start = None
-    eta = Eta(len(rounds) + 1, done=int(start.meta.get("rounds", 1)) if start is not None else 1)
     ranking = JointRanking(
         scorer(model, data, cfg, shard=shard, reduce=reduce),
         model.backbone,
@@ -367,8 +364,9 @@ def joint_ranking(
         progress=lambda rate, note: report(
             f"  attribution re-scored with {rate:.0%} of the cost masked{note} ({eta.step()})"
         ),
-        start=start,
+        start=start,  # used only where it resumes (JointRanking.resumes), else scored afresh
     )
+    eta = Eta(len(rounds) + 1, done=ranking.done + 1)  # progress lines count the passes already run
     if not opts.lazy_rounds or shard[1] > 1:
         ranking.complete()
     return ranking
@@ -447,9 +445,8 @@ def search_splits(
         and isinstance(loader.sampler, SequentialSampler)
     )
     parts = []
-    for part, index in zip(
-        split_loader(loader, fraction, seed), split_indices(len(loader.dataset), fraction, seed)
-    ):
+    for index in split_indices(len(loader.dataset), fraction, seed):
+        part = subset_loader(loader, index)
         # the dense predictions of a part are those of its examples on the whole split (no second pass)
         preds = whole_preds.take(index) if sliceable else collect(model, part)
         base = (

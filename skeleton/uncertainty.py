@@ -131,17 +131,18 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return perm[:cut].sort().values, perm[cut:].sort().values
 
 
+def subset_loader(loader: DataLoader, indices: torch.Tensor) -> DataLoader:
+    """``loader``'s examples at ``indices``, in that order, batched and collated as ``loader`` does."""
+    return DataLoader(
+        Subset(loader.dataset, indices.tolist()),
+        batch_size=loader.batch_size,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+    )
+
+
 def split_loader(loader: DataLoader, fraction: float, seed: int) -> tuple[DataLoader, DataLoader]:
     """Two disjoint loaders over a seeded ``fraction`` / rest of ``loader``'s examples (``split_indices``),
     each in the original order (length-sorted evaluation batches stay length-sorted)."""
-
-    def make(indices: torch.Tensor) -> DataLoader:
-        return DataLoader(
-            Subset(loader.dataset, indices.tolist()),
-            batch_size=loader.batch_size,
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-        )
-
     first, rest = split_indices(len(loader.dataset), fraction, seed)
-    return make(first), make(rest)
+    return subset_loader(loader, first), subset_loader(loader, rest)

@@ -16,7 +16,6 @@ from skeleton.localize.cost import CostModel, cached_cost_model, flop_cost_model
 from skeleton.localize.joint import (
     JointRanking,
     ranking_keys,
-    score_jointly,
     select_units,
     unit_scores,
     unit_table,
@@ -174,25 +173,31 @@ def test_an_attention_that_cannot_be_skipped_keeps_one_group():
     assert [len(k) for k in keep_heads] == [1, 1]
 
 
-def test_joint_rescoring_stops_once_the_next_drops_no_longer_change():
+def _counted_scorer():
+    """A tiny BERT, its unit table, an attribution pass on one batch and the list of passes it ran."""
     backbone, batch = tiny_backbone("bert"), make_batch()
     model = StandIn(backbone).eval()
-    table = unit_table(backbone, _cost())
     calls = []
 
     def score_once():
         calls.append(1)
         return score_neurons(model, [batch], heads=True)
 
+    return backbone, unit_table(backbone, _cost()), score_once, calls
+
+
+def test_joint_rescoring_stops_once_the_next_drops_no_longer_change():
+    backbone, table, score_once, calls = _counted_scorer()
+
     rounds = [0.1, 0.2, 0.3, 0.4]
-    full = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=1.0)
+    full = JointRanking(score_once, backbone, table, rounds=rounds, stop_overlap=1.0).complete()
     assert len(calls) == 5 and full.meta["rounds"] == 5 and full.meta["stopped_at"] is None
     calls.clear()
-    early = score_jointly(score_once, backbone, table, rounds=rounds, stop_overlap=0.0)
+    early = JointRanking(score_once, backbone, table, rounds=rounds, stop_overlap=0.0).complete()
     assert len(calls) == 2 and early.meta["stopped_at"] == 0.1
     # the joint keys reproduce the first round's mask at its rate
     keys = ranking_keys(full, table)
-    first = score_neurons(model, [batch], heads=True)
+    first = score_once()  # the unmasked pass
     want = select_units(unit_scores(first, table) / table.cost, table, 0.1)
     got = select_units(keys, table, 0.1)
     for a, b in zip(want[0] + want[1], got[0] + got[1]):
@@ -344,17 +349,10 @@ def test_a_candidate_the_family_cannot_slice_is_evaluated_on_masks(monkeypatch):
 
 
 def test_lazy_rounds_give_the_full_ranking_at_every_rate_they_cover_and_resume_from_saved_scores():
-    backbone, batch = tiny_backbone("bert"), make_batch()
-    model = StandIn(backbone).eval()
-    table = unit_table(backbone, _cost())
-    calls = []
-
-    def score_once():
-        calls.append(1)
-        return score_neurons(model, [batch], heads=True)
+    backbone, table, score_once, calls = _counted_scorer()
 
     rounds = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    full_keys = ranking_keys(score_jointly(score_once, backbone, table, rounds=rounds), table)
+    full_keys = ranking_keys(JointRanking(score_once, backbone, table, rounds=rounds).complete(), table)
     calls.clear()
     lazy = JointRanking(score_once, backbone, table, rounds=rounds)
     assert len(calls) == 1 and lazy.exact_up_to >= 0.1  # a round masks at least its rate

@@ -6,7 +6,7 @@ between heads and neurons) divided by what it costs (``cost.CostModel``), so the
 latency goes first. A *rate* here is the fraction of the units' total cost removed: the search over it is a
 search over modelled latency, and the modelled speedup of every rate is known before anything is timed.
 
-``score_jointly`` re-scores under the mask of the rounds before (as ``iterative.score_iteratively`` does
+``JointRanking`` re-scores under the mask of the rounds before (as ``iterative.score_iteratively`` does
 for neurons alone) and stops early once a round's re-scoring no longer changes what the next round drops.
 """
 
@@ -298,25 +298,6 @@ class JointRanking:
             "exact_up_to": self.exact_up_to,
         }
         return _as_scores(self.ranking, self.table, self._latest, meta)
-
-
-def score_jointly(
-    score_once: Callable[[], Scores],
-    backbone: nn.Module,
-    table: UnitTable,
-    *,
-    rounds: list[float],
-    stop_overlap: float = 1.0,
-    progress: Callable[[float, str], None] | None = None,
-) -> Scores:
-    """Joint ranking keys from one attribution pass plus one per round of ``rounds`` (cost-rates), each
-    under the mask of the rounds before. After each re-scoring, if the units the next round would drop
-    overlap (Jaccard) by at least ``stop_overlap`` with those the previous scores would have dropped, the
-    ranking has settled and re-scoring stops (1.0: never stop early)."""
-    ranking = JointRanking(
-        score_once, backbone, table, rounds=rounds, stop_overlap=stop_overlap, progress=progress
-    )
-    return ranking.complete()
 
 
 def _keep_lists(kept: torch.Tensor, table: UnitTable) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
