@@ -352,6 +352,14 @@ def test_released_dense_ffn_is_read_again_for_a_new_task(skeletons, multitask):
     assert lean.memory()["dense_ffn_released"]
 
 
+def test_cli_refuses_a_negative_kernel_cache(skeletons, capsys):
+    from skeleton.serve.server import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(skeletons["sst2"].parent), "--kernel-cache", "-1"])
+    assert exit_.value.code == 2 and "--kernel-cache -1: a number of kernels" in capsys.readouterr().err
+
+
 def test_cli_refuses_two_artifacts_of_one_task(skeletons, capsys):
     from skeleton.serve.server import main
 

@@ -318,7 +318,10 @@ def build_replicas(args) -> Replicas:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kernel_cache < 0:
+        parser.error(f"--kernel-cache {args.kernel_cache}: a number of kernels, 0 or more (0: keep none)")
     import torch
     import uvicorn
 
