@@ -1,13 +1,15 @@
 """Issue 11's proof: the fastest network within psi, held on dev, found in a fraction of the tuning time.
 
     python benchmarks/speed.py                       # trains what is missing, then tabulates
-    python benchmarks/speed.py --tasks sst2 --seeds 0 --methods joint
+    python benchmarks/speed.py --tasks sst2 --seeds 0 --methods pooled
 
 For each task x seed it runs ``skeleton-train experiment=quickstart`` (MiniLM, the shared data, psi = 1,
-search split carved from train, dev reported) once per method: ``joint`` (the defaults: heads and
-neurons by score per modelled cost, confirmed on a held-back part of the search split) and ``paper``
-(``skeleton=paper``: FFN neurons only, the largest rate). Both reuse one converged prompt per task x
-seed (the prompt cache), so the methods differ only after training. Then it times every artifact
+search split carved from train, dev reported) once per method. ``pooled`` and ``confirm`` rank heads
+and neurons together by score per modelled cost and search on one half of the search split; a
+candidate rate must then keep psi on both halves pooled (``pooled``) or on the other half alone
+(``confirm``). ``paper`` (``skeleton=paper``) prunes FFN neurons only, at the largest rate the whole
+split keeps within psi. All reuse one converged prompt per task x seed (the prompt cache), so the
+methods differ only after training. Then it times every artifact
 again, dense vs pruned interleaved, at 128 tokens (batch 32) and at batch 1, and writes speed.md and
 speed.json into --out. Runs that already hold a complete summary are not run again.
 """
@@ -25,7 +27,12 @@ from pathlib import Path
 from skeleton import runs
 from skeleton.summary import RunSummary
 
-METHODS = {"joint": [], "paper": ["skeleton=paper"]}
+# every method names its acceptance rule, so a run folder means the same whatever the defaults are
+METHODS = {
+    "pooled": ["skeleton.search.acceptance=pooled"],
+    "confirm": ["skeleton.search.acceptance=confirm"],
+    "paper": ["skeleton=paper"],
+}
 TASKS = {
     "sst2": [],
     # MRPC's 3.7k training pairs make an epoch 84 steps: let the step budget, not the epoch, end training

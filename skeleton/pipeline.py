@@ -424,17 +424,19 @@ class _Split:
     loader: object
     dense: object
     base: float
+    pooled: torch.Tensor | None = None  # (search part + this part) -> the whole split's order, if pooled
 
 
 def search_splits(
     model, data, dense: Measured, dense_preds, cfg: SkeletonConfig
 ) -> tuple[_Split, _Split | None]:
-    """The split the search evaluates on and the one that confirms its rate (acceptance=confirm)."""
+    """The split the search evaluates on and the one that confirms its rate: the held-back part
+    (acceptance=confirm), or both parts pooled, which is the whole split (acceptance=pooled)."""
     loader = data.search_dataloader()
     headline = model.task.headline
     whole = _Split(loader, dense_preds["search"], dense.search[headline])
     small = len(loader.dataset) < 2 * MIN_CONFIRM  # too small to split: search on all of it, unconfirmed
-    if cfg.search.acceptance != Acceptance.CONFIRM or small:
+    if cfg.search.acceptance not in (Acceptance.CONFIRM, Acceptance.POOLED) or small:
         return whole, None
     seed = getattr(getattr(model, "hparams", None), "seed", 0)
     fraction = cfg.search.confirm_fraction
@@ -444,8 +446,8 @@ def search_splits(
         and len(whole_preds) == len(loader.dataset)
         and isinstance(loader.sampler, SequentialSampler)
     )
-    parts = []
-    for index in split_indices(len(loader.dataset), fraction, seed):
+    parts, indices = [], split_indices(len(loader.dataset), fraction, seed)
+    for index in indices:
         part = subset_loader(loader, index)
         # the dense predictions of a part are those of its examples on the whole split (no second pass)
         preds = whole_preds.take(index) if sliceable else collect(model, part)
@@ -457,7 +459,14 @@ def search_splits(
         parts.append(_Split(part, preds, base))
     if any(math.isnan(p.base) for p in parts):
         return whole, None  # a part too small for the metric: search on all of it, no confirmation
-    return parts[0], parts[1]
+    first, rest = parts
+    if cfg.search.acceptance == Acceptance.CONFIRM:
+        return first, rest
+    if not sliceable:
+        return first, whole  # predictions that cannot be joined: confirm on a pass over the whole split
+    # the parts' predictions joined in the whole split's order (rank metrics break ties by position)
+    order = torch.argsort(torch.cat(indices))
+    return first, _Split(rest.loader, whole_preds, whole.base, pooled=order)
 
 
 def search_rate(
@@ -479,12 +488,20 @@ def search_rate(
     points: dict[float, dict] = {}
     fixed_heads = cfg.pruning.units == Units.FFN and cfg.pruning.head_rate > 0
 
+    seen: dict[float, Predictions] = {}  # the search part's predictions per rate, for a pooled confirmation
+
     def evaluate_on(split: _Split, rate: float) -> tuple[float, Drop | None]:
         keep_ffn, keep_heads = select(rate)
         with candidate(model, keep_ffn, keep_heads) as pruned:
             preds = collect(pruned, split.loader)
             if not isinstance(preds, Predictions):
                 return evaluate(pruned, split.loader)[headline], None
+        if split is search:
+            seen[rate] = preds
+        elif split.pooled is not None:
+            if rate not in seen:  # a rate the search part never scored: score it there too
+                evaluate_on(search, rate)
+            preds = seen[rate].cat(preds).take(split.pooled)
         value = score(model.task, preds)[headline]
         drop = None
         if s.acceptance == Acceptance.PAIRED_SE:
@@ -561,7 +578,7 @@ def search_rate(
             passes=passes,
             granularity=s.granularity,
         )
-    elif s.acceptance == Acceptance.CONFIRM:
+    elif s.acceptance in (Acceptance.CONFIRM, Acceptance.POOLED):
         report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
     unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
     chosen = point(rate)
@@ -602,8 +619,9 @@ def confirm_rate(
     passes: Callable[[float], bool] | None = None,
     granularity: float = 0.01,
 ) -> float:
-    """The largest rate the search accepted that the held-back part also keeps within psi: the search
-    part chose among many rates, so its best one is optimistic; the other part has not been looked at.
+    """The largest rate the search accepted that the confirmation also keeps within psi: the search
+    part chose among many rates, so its best one is optimistic; the other part has not been looked at
+    (``confirm``: that part alone, or pooled with the search part's predictions at the same rate).
     Steps down the accepted rates; between the first that holds and the one above it that did not, a
     binary search on the grid (``passes(rate)``: the search part accepts it) finds the largest that both
     parts keep."""
@@ -613,8 +631,9 @@ def confirm_rate(
         ok = confirm.base - value <= margin + 1e-12
         points[candidate].update(confirm_score=value, confirm_drop=round((confirm.base - value) * 100, 3))
         points[candidate]["confirmed"] = ok
+        where = "the held-back part" if confirm.pooled is None else "both parts pooled"
         report(
-            f"  confirm {candidate:.2f} on the held-back part: {headline} {value:.4f} "
+            f"  confirm {candidate:.2f} on {where}: {headline} {value:.4f} "
             f"(dense {confirm.base:.4f}) {'ok' if ok else 'over margin'}"
         )
         return ok

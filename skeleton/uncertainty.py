@@ -35,6 +35,11 @@ class Predictions:
     def take(self, index: torch.Tensor) -> Predictions:
         return Predictions(self.logits[index], {k: v[index] for k, v in self.fields.items()})
 
+    def cat(self, other: Predictions) -> Predictions:
+        """These examples followed by ``other``'s: two parts of a split scored as one."""
+        fields = {k: torch.cat([v, other.fields[k]]) for k, v in self.fields.items()}
+        return Predictions(torch.cat([self.logits, other.logits]), fields)
+
 
 @torch.inference_mode()
 def collect(model: nn.Module, loader: Iterable[dict]) -> Predictions | list:

@@ -403,3 +403,61 @@ def test_each_search_half_scores_the_dense_model_as_a_pass_over_it_would(monkeyp
         again = collect(model, part.loader)
         assert torch.allclose(part.dense.logits, again.logits, atol=1e-5)
         assert torch.equal(part.dense.fields["labels"], again.fields["labels"])
+
+
+def test_a_pooled_confirmation_scores_the_pruned_model_on_the_whole_search_split(monkeypatch, tmp_path):
+    """acceptance=pooled: the search part's predictions at a rate joined with the held-back part's are
+    exactly a pass over the whole split, and that is what a candidate must keep within psi."""
+    import shutil
+
+    from hydra.utils import instantiate
+
+    import skeleton.pipeline as pipeline
+    from skeleton.localize.arch import ffn_widths
+    from skeleton.localize.config import SkeletonConfig
+    from skeleton.uncertainty import collect, score
+    from tests.helpers import FIXTURES, compose_config
+
+    monkeypatch.setattr(pipeline, "MIN_CONFIRM", 2)
+    shutil.copytree(FIXTURES, tmp_path, dirs_exist_ok=True)
+    train = tmp_path / "glue" / "STS-B" / "train.tsv"
+    header, *rows = train.read_text().splitlines()
+    words = ["red", "green", "blue", "black", "white", "brown", "pink", "grey", "gold"]  # no ties
+    more = [
+        r.rsplit("\t", 2)[0] + f" {words[i % 9]}\t{r.split(chr(9))[-2]} {words[i // 9]}\t{i * 7 % 26 / 5:.3f}"
+        for i, r in enumerate(rows * 4)
+    ]
+    train.write_text("\n".join([header, *more]) + "\n")
+    # STS-B's Pearson: no two parts of the split score alike, as accuracies on a few examples can
+    cfg = compose_config(["task=stsb", "data.search_size=8", f"paths.data_dir={tmp_path}"])
+    data, model = instantiate(cfg.data), instantiate(cfg.module).eval()
+    data.setup("fit")
+    dense, preds = pipeline.measure(model, data)
+    skeleton_cfg = SkeletonConfig(psi=100.0, search={"acceptance": "pooled", "granularity": 0.25})
+    search, confirm = pipeline.search_splits(model, data, dense, preds, skeleton_cfg)
+    assert (
+        len(search.dense) == 4
+        and confirm.pooled is not None
+        and confirm.dense is preds["search"]
+        and len(confirm.dense) == 8
+    )
+    assert confirm.base == dense.search[model.task.headline]
+
+    widths = ffn_widths(model.backbone)
+
+    def select(rate):  # the first neurons of every layer, as many as the rate leaves
+        return [torch.arange(max(1, round(w * (1 - rate)))) for w in widths], None
+
+    cost = flop_cost_model(model.backbone, 4, 16)
+    rate, _, points = pipeline.search_rate(
+        model, data, select, cost, dense, preds, skeleton_cfg, [], report=lambda _: None
+    )
+    confirmed = [p for p in points if "confirm_score" in p]
+    assert rate == 0.75 and confirmed  # psi=100: the largest grid rate below max_rate, confirmed
+    whole = data.search_dataloader()
+    for p in confirmed:
+        with pipeline.candidate(model, *select(p["rate"])) as pruned:
+            want = score(model.task, collect(pruned, whole))[model.task.headline]
+            held_back = score(model.task, collect(pruned, confirm.loader))[model.task.headline]
+        assert p["confirm_score"] == pytest.approx(want, abs=1e-6)
+        assert held_back != pytest.approx(want, abs=1e-3)  # the held-back part alone would differ

@@ -74,6 +74,7 @@ class Units(Choice):
 
 class Acceptance(Choice):
     CONFIRM = "confirm"  # search on one part of the search split, confirm the rate on the other
+    POOLED = "pooled"  # search on one part, confirm the rate on both parts together (the whole split)
     PAIRED_SE = "paired_se"  # drop + z * paired standard error within psi
     POINT = "point"  # the drop alone within psi (the papers)
 
@@ -203,7 +204,7 @@ class SearchConfig:
     max_rate: float = 0.99
     lookahead: int = 2  # grid points probed past a failing rate: a one-point dip does not end the search
     acceptance: Acceptance = Acceptance.CONFIRM
-    confirm_fraction: float = 0.5  # acceptance=confirm: share of the search split the search runs on
+    confirm_fraction: float = 0.5  # acceptance=confirm/pooled: share of the search split the search runs on
     z: float = 1.0  # acceptance=paired_se: standard errors added to the drop
     resamples: int = 200  # paired bootstrap resamples for the drops' standard errors (0: none)
 
