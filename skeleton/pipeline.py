@@ -57,7 +57,7 @@ DEGENERATE = (
     "(trainer.max_steps) or raise prompt.lr / module.head_lr."
 )
 FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
-MIN_CONFIRM = 20  # examples each part of the search split needs before acceptance=confirm splits it
+MIN_CONFIRM = 20  # examples each part of the search split needs before acceptance=pooled/confirm splits it
 
 
 class Eta:

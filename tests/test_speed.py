@@ -397,7 +397,8 @@ def test_each_search_half_scores_the_dense_model_as_a_pass_over_it_would(monkeyp
     dense, preds = pipeline.measure(model, data)
     with monkeypatch.context() as m:
         m.setattr(pipeline, "collect", lambda *a: pytest.fail("the dense model was run again"))
-        search, confirm = pipeline.search_splits(model, data, dense, preds, SkeletonConfig(psi=1.0))
+        confirm_cfg = SkeletonConfig(psi=1.0, search={"acceptance": "confirm"})
+        search, confirm = pipeline.search_splits(model, data, dense, preds, confirm_cfg)
     assert confirm is not None and len(search.dense) + len(confirm.dense) == len(preds["search"])
     for part in (search, confirm):
         again = collect(model, part.loader)

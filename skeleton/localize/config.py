@@ -203,7 +203,7 @@ class SearchConfig:
     granularity: float = 0.01  # rate grid step
     max_rate: float = 0.99
     lookahead: int = 2  # grid points probed past a failing rate: a one-point dip does not end the search
-    acceptance: Acceptance = Acceptance.CONFIRM
+    acceptance: Acceptance = Acceptance.POOLED
     confirm_fraction: float = 0.5  # acceptance=confirm/pooled: share of the search split the search runs on
     z: float = 1.0  # acceptance=paired_se: standard errors added to the drop
     resamples: int = 200  # paired bootstrap resamples for the drops' standard errors (0: none)
