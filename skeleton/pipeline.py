@@ -650,7 +650,8 @@ def confirm_rate(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         candidate = round(mid * granularity, 12)
-        ok = passes(candidate) and confirmed(candidate)
+        judged = points.get(candidate, {}).get("accepted")  # the search part already judged it: no new pass
+        ok = (passes(candidate) if judged is None else judged) and confirmed(candidate)
         lo, hi = (mid, hi) if ok else (lo, mid)
     return round(lo * granularity, 12)
 

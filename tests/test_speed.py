@@ -307,6 +307,32 @@ def test_confirmation_refines_between_the_rate_that_held_and_the_one_that_did_no
     assert points[0.25]["confirmed"] and not points[0.37]["confirmed"] and points[0.33]["confirmed"]
 
 
+def test_refining_does_not_score_a_rate_the_search_part_already_judged():
+    from skeleton.pipeline import _Split, confirm_rate
+
+    held_back = _Split(loader=None, dense=None, base=0.90)
+    points = {0.25: {"accepted": True}, 0.31: {"accepted": False}, 0.37: {"accepted": True}}
+    asked = []
+
+    def passes(rate):
+        asked.append(rate)
+        points[rate] = {"accepted": True}
+        return True
+
+    rate = confirm_rate(
+        held_back,
+        points,
+        0.37,
+        lambda split, r: (0.90 if r <= 0.33 else 0.85, None),
+        0.01,
+        "accuracy",
+        report=lambda _: None,
+        passes=passes,
+    )
+    assert rate == pytest.approx(0.30)  # 0.31 was refused by the search part, so the refinement stops below
+    assert 0.31 not in asked and asked == [0.28, 0.29, 0.3]
+
+
 def test_joint_ranking_refuses_scores_without_heads_or_of_another_shape():
     from skeleton.localize import Scores
 
