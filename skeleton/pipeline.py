@@ -425,6 +425,7 @@ class _Split:
     dense: object
     base: float
     pooled: torch.Tensor | None = None  # (search part + this part) -> the whole split's order, if pooled
+    name: str = "the held-back part"
 
 
 def search_splits(
@@ -463,10 +464,11 @@ def search_splits(
     if cfg.search.acceptance == Acceptance.CONFIRM:
         return first, rest
     if not sliceable:
-        return first, whole  # predictions that cannot be joined: confirm on a pass over the whole split
+        # predictions that cannot be joined: confirm on a pass over the whole split
+        return first, _Split(loader, whole_preds, whole.base, name="the whole split")
     # the parts' predictions joined in the whole split's order (rank metrics break ties by position)
     order = torch.argsort(torch.cat(indices))
-    return first, _Split(rest.loader, whole_preds, whole.base, pooled=order)
+    return first, _Split(rest.loader, whole_preds, whole.base, pooled=order, name="both parts pooled")
 
 
 def search_rate(
@@ -631,9 +633,8 @@ def confirm_rate(
         ok = confirm.base - value <= margin + 1e-12
         points[candidate].update(confirm_score=value, confirm_drop=round((confirm.base - value) * 100, 3))
         points[candidate]["confirmed"] = ok
-        where = "the held-back part" if confirm.pooled is None else "both parts pooled"
         report(
-            f"  confirm {candidate:.2f} on {where}: {headline} {value:.4f} "
+            f"  confirm {candidate:.2f} on {confirm.name}: {headline} {value:.4f} "
             f"(dense {confirm.base:.4f}) {'ok' if ok else 'over margin'}"
         )
         return ok
