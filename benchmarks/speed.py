@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     summary = ensure_run(root, method, task, seed, args.overrides)
                 row = {"method": method, **row_of(summary)}
+                moved = run_dir(root, method, task, seed) / "skeleton"  # a run folder renamed since
+                if row["artifact"] and not Path(row["artifact"]).exists() and moved.exists():
+                    row["artifact"] = str(moved)
                 if row["artifact"]:
                     row["shapes"] = time_shapes(row["artifact"], args.repeats, row["seq_len"])
                     row["speedup"] = row["shapes"]["b32xreal"]
