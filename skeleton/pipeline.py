@@ -58,6 +58,7 @@ DEGENERATE = (
 )
 FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
 MIN_CONFIRM = 20  # examples each part of the search split needs before acceptance=pooled/confirm splits it
+HELD_BACK = (Acceptance.CONFIRM, Acceptance.POOLED)  # the rules that hold back a part of the search split
 
 
 class Eta:
@@ -437,7 +438,7 @@ def search_splits(
     headline = model.task.headline
     whole = _Split(loader, dense_preds["search"], dense.search[headline])
     small = len(loader.dataset) < 2 * MIN_CONFIRM  # too small to split: search on all of it, unconfirmed
-    if cfg.search.acceptance not in (Acceptance.CONFIRM, Acceptance.POOLED) or small:
+    if cfg.search.acceptance not in HELD_BACK or small:
         return whole, None
     seed = getattr(getattr(model, "hparams", None), "seed", 0)
     fraction = cfg.search.confirm_fraction
@@ -580,7 +581,7 @@ def search_rate(
             passes=passes,
             granularity=s.granularity,
         )
-    elif s.acceptance in (Acceptance.CONFIRM, Acceptance.POOLED):
+    elif s.acceptance in HELD_BACK:
         report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
     unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
     chosen = point(rate)
