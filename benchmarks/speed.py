@@ -8,7 +8,8 @@ search split carved from train, dev reported) once per method. ``pooled`` and ``
 and neurons together by score per modelled cost and search on one half of the search split; a
 candidate rate must then keep psi on both halves pooled (``pooled``) or on the other half alone
 (``confirm``). ``paper`` (``skeleton=paper``) prunes FFN neurons only, at the largest rate the whole
-split keeps within psi. All reuse one converged prompt per task x seed (the prompt cache), so the
+split keeps within psi. ``best`` (``pruning.units=best``) searches as ``pooled`` does, then FFN
+neurons alone past the joint rate, and keeps the lower modelled latency. All reuse one converged prompt per task x seed (the prompt cache), so the
 methods differ only after training. Then it times every artifact
 again, dense vs pruned interleaved, at 128 tokens (batch 32) and at batch 1, and writes speed.md and
 speed.json into --out. Runs that already hold a complete summary are not run again.
@@ -29,7 +30,8 @@ from skeleton.summary import RunSummary
 
 # every method names its acceptance rule, so a run folder means the same whatever the defaults are
 METHODS = {
-    "pooled": ["skeleton.search.acceptance=pooled"],
+    "best": ["skeleton.search.acceptance=pooled", "skeleton.pruning.units=best"],
+    "pooled": ["skeleton.search.acceptance=pooled", "skeleton.pruning.units=joint"],
     "confirm": ["skeleton.search.acceptance=confirm"],
     "paper": ["skeleton=paper"],
 }

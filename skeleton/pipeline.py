@@ -117,7 +117,7 @@ def run_skeleton(
 
     started = time.perf_counter()
     cost = cost_model(model, data, cfg, cost_cache, report)
-    joint = cfg.pruning.units == Units.JOINT
+    joint = cfg.pruning.units.ranks_heads
     table = unit_table(model.backbone, cost) if joint else None
     if scores is not None and not scores_fit(scores, cfg, cost if joint else None):
         scores = None  # ranked under other settings or another latency model: score again
@@ -139,6 +139,16 @@ def run_skeleton(
     rounds_before = ranking.seconds if ranking is not None else 0.0
     select = selector(ranking if ranking is not None else scores, cfg, table)
     rate, curve, points = search_rate(model, data, select, cost, dense, dense_preds, cfg, warnings, report)
+    units = Units.FFN if cfg.pruning.units == Units.FFN else Units.JOINT
+    if cfg.pruning.units == Units.BEST:
+        search = functools.partial(
+            search_rate, model, data, cost=cost, dense=dense, dense_preds=dense_preds, cfg=cfg,
+            warnings=warnings, report=report,
+        )  # fmt: skip
+        alone = ffn_only(select.keys_of, table, cfg)
+        select, rate, curve, points, units = search_past_joint(
+            search, select, alone, (rate, curve, points), table, cost, cfg, report
+        )
     search_s = time.perf_counter() - started
     if ranking is not None:  # the rounds the search asked for are attribution time, not search time
         in_search = ranking.seconds - rounds_before
@@ -196,7 +206,7 @@ def run_skeleton(
         degenerate=DEGENERATE in warnings,
         criterion=str(cfg.attribution.criterion),
         skeleton_config=cfg.to_dict(),
-        units=str(cfg.pruning.units),
+        units=str(units),
         heads={"kept": after["heads"], "dense": before["heads"]},
         search_points=points,
         drops=drops,
@@ -409,13 +419,74 @@ def selector(scores: Scores | JointRanking, cfg: SkeletonConfig, table) -> Selec
         ranking = scores if isinstance(scores, JointRanking) else None
         fixed = ranking_keys(scores, table) if ranking is None else None
 
-        def select(rate: float):
-            keys = fixed if ranking is None else ranking.keys_for(rate)
-            return select_units(keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to)
+        def keys_of(rate: float) -> torch.Tensor:
+            return fixed if ranking is None else ranking.keys_for(rate)
 
-        return functools.cache(select)
+        def select(rate: float):
+            return select_units(
+                keys_of(rate), table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to
+            )
+
+        cached = functools.cache(select)
+        cached.keys_of = keys_of  # the ranking keys behind it (``ffn_only`` masks the heads out of them)
+        return cached
     keep_heads = heads_to_keep(scores, cfg)
     return functools.cache(lambda rate: (neurons_to_keep(scores, rate, cfg), keep_heads))
+
+
+def ffn_only(keys_of: Callable[[float], torch.Tensor], table: UnitTable, cfg: SkeletonConfig) -> Select:
+    """The joint ranking with every head kept: FFN neurons alone, in the order the joint ranking gives
+    them and at the same rate unit (the share of the units' modelled cost), so both rankings' rates and
+    modelled latencies compare directly. No attribution pass of its own."""
+    p = cfg.pruning
+
+    def select(rate: float):
+        keys = keys_of(rate).clone()
+        keys[table.is_head] = math.inf  # heads never go first, and the rate stops short of them
+        return select_units(keys, table, rate, min_per_layer=p.min_per_layer, round_to=p.round_to)
+
+    return functools.cache(select)
+
+
+def ffn_share(table: UnitTable) -> float:
+    """The share of the units' modelled cost that FFN neurons hold: the most an FFN-only rate removes."""
+    return float(table.cost[~table.is_head].sum()) / table.total
+
+
+def search_past_joint(
+    search, joint: Select, alone: Select, found: tuple, table: UnitTable, cost: CostModel, cfg, report: Report
+) -> tuple[Select, float, list, list[dict], Units]:
+    """units=best: after the joint ranking's search, search FFN neurons alone above its rate (heads can
+    matter more than their attribution says: sentence pairs lean on attention) and keep whichever network
+    has the lower modelled latency. The second search starts just past the joint rate, so where it
+    cannot beat it it costs 1 + lookahead evaluations (and its confirmation)."""
+    rate, curve, points = found
+    top = min(cfg.search.max_rate, ffn_share(table))
+    if top <= rate + cfg.search.granularity / 2:
+        return joint, rate, curve, points, Units.JOINT
+    report(f"search: FFN neurons alone, past the joint ranking's {rate:.2f} (up to {top:.2f} of the cost)")
+    other, other_curve, other_points = search(select=alone, floor=rate, max_rate=top, ranking=Units.FFN)
+    modelled = {
+        name: cost.latency(*_shape(sel(r)))
+        for name, sel, r in (("joint", joint, rate), ("ffn", alone, other))
+    }
+    wins = other > rate and modelled["ffn"] < modelled["joint"]
+    for p in points if wins else other_points:
+        p.pop("chosen", None)
+    merged = points + other_points
+    if not wins:
+        report(f"search: the joint ranking's {rate:.2f} stays (FFN neurons alone reached {other:.2f})")
+        return joint, rate, curve, merged, Units.JOINT
+    report(
+        f"search: FFN neurons alone win, {other:.2f} of the cost (modelled x{cost.dense / modelled['ffn']:.2f} "
+        f"against the joint ranking's x{cost.dense / modelled['joint']:.2f} at {rate:.2f})"
+    )
+    return alone, other, other_curve, merged, Units.FFN
+
+
+def _shape(keep: tuple[list, list | None]) -> tuple[list[int], list[int] | None]:
+    keep_ffn, keep_heads = keep
+    return [len(k) for k in keep_ffn], [len(k) for k in keep_heads] if keep_heads is not None else None
 
 
 @dataclass
@@ -482,10 +553,16 @@ def search_rate(
     cfg: SkeletonConfig,
     warnings: list[str],
     report: Report,
+    *,
+    floor: float = 0.0,
+    max_rate: float | None = None,
+    ranking: Units | None = None,
 ) -> tuple[float, list[list[float]], list[dict]]:
     """The largest rate whose search score stays within psi under the acceptance rule, evaluated on
     pruned copies (``candidate``). For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
-    (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict."""
+    (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict.
+    ``floor``: only rates above it are searched (``floor`` comes back when none passes); ``ranking``
+    tags the points (units=best runs two searches)."""
     headline, s, margin = model.task.headline, cfg.search, cfg.margin
     search, confirm = search_splits(model, data, dense, dense_preds, cfg)
     points: dict[float, dict] = {}
@@ -517,6 +594,7 @@ def search_rate(
         heads = [len(k) for k in keep_heads] if keep_heads is not None else None
         return {
             "rate": rate,
+            **({"ranking": str(ranking)} if ranking is not None else {}),
             "ffn_kept": sum(widths),
             "heads_kept": sum(heads) if heads is not None else sum(cost.dense_heads),
             "modelled": round(cost.latency(widths, heads), 4),
@@ -553,15 +631,19 @@ def search_rate(
         search.base,
         margin,
         granularity=s.granularity,
-        max_rate=s.max_rate,
+        max_rate=s.max_rate if max_rate is None else max_rate,
         lookahead=s.lookahead,
         accept=accept,
+        floor=floor,
         progress=lambda r, value, ok: report(
             f"  rate {r:.2f}: {headline} {value:.4f} {'ok' if ok else 'over margin'}, modelled "
             f"x{points[r]['modelled_speedup']:.2f} (~{eta.step()})"
         ),
     )
     rate = found.rate
+    if floor > 0 and rate <= floor:
+        report(f"search: nothing past {floor:.2f} keeps psi={cfg.psi} ({found.evaluations} evaluations)")
+        return floor, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
     if confirm is not None:
 
         def passes(r: float) -> bool:
@@ -580,10 +662,11 @@ def search_rate(
             report,
             passes=passes,
             granularity=s.granularity,
+            floor=floor,
         )
     elif s.acceptance in HELD_BACK:
         report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
-    unit = "of the units' modelled cost" if cfg.pruning.units == Units.JOINT else "of FFN neurons"
+    unit = "of the units' modelled cost" if cfg.pruning.units.ranks_heads else "of FFN neurons"
     chosen = point(rate)
     report(
         f"search: {rate:.2f} {unit} within psi={cfg.psi} points ({found.evaluations} evaluations, "
@@ -621,13 +704,14 @@ def confirm_rate(
     *,
     passes: Callable[[float], bool] | None = None,
     granularity: float = 0.01,
+    floor: float = 0.0,
 ) -> float:
     """The largest rate the search accepted that the confirmation also keeps within psi: the search
     part chose among many rates, so its best one is optimistic; the other part has not been looked at
     (``confirm``: that part alone, or pooled with the search part's predictions at the same rate).
     Steps down the accepted rates; between the first that holds and the one above it that did not, a
     binary search on the grid (``passes(rate)``: the search part accepts it) finds the largest that both
-    parts keep."""
+    parts keep. Nothing at or below ``floor`` is looked at: ``floor`` comes back when nothing above holds."""
 
     def confirmed(candidate: float) -> bool:
         value, _ = evaluate_on(confirm, candidate)
@@ -640,8 +724,9 @@ def confirm_rate(
         )
         return ok
 
-    best, failed = 0.0, None
-    for candidate in sorted((r for r, p in points.items() if p.get("accepted") and r <= rate), reverse=True):
+    best, failed = floor, None
+    accepted = (r for r, p in points.items() if p.get("accepted") and floor < r <= rate)
+    for candidate in sorted(accepted, reverse=True):
         if confirmed(candidate):
             best = candidate
             break

@@ -170,3 +170,17 @@ def test_masked_evaluator_keeps_the_head_mask_at_every_rate():
     assert evaluate(0.0) == 0.0  # exactly the head-masked model
     assert evaluate(0.5) > 0.0
     assert torch.equal(run(), dense)  # every hook removed
+
+
+def test_a_floor_is_taken_as_reached_and_only_rates_above_it_are_evaluated():
+    f = Curve(0.62)
+    res = search_pruning_rate(f, 0.9, 0.01, floor=0.31)
+    assert res.rate == pytest.approx(0.62) and f.calls[0] == pytest.approx(0.32)
+    assert min(f.calls) > 0.31 and 0.31 not in [round(c, 2) for c in f.calls]
+
+
+def test_a_search_that_cannot_beat_its_floor_costs_one_step_and_the_lookahead():
+    f = Curve(0.2)  # nothing above the floor passes
+    res = search_pruning_rate(f, 0.9, 0.01, floor=0.31, lookahead=2)
+    assert res.rate == pytest.approx(0.31) and math.isnan(res.score)
+    assert [round(c, 2) for c in f.calls] == [0.32, 0.33, 0.34] and res.evaluations == 3

@@ -45,6 +45,11 @@ def test_choices_are_enums_that_read_as_their_strings():
         ({"pruning": {"head_rate": 0.5}}, r"units=joint ranks heads with the neurons"),
         ({"pruning": {"scope": "layer"}}, r"use scope=global or units=ffn"),
         ({"attribution": {"heads": False}}, r"units=joint ranks heads with neurons and needs head scores"),
+        (
+            {"attribution": {"heads": False}, "pruning": {"units": "best"}},
+            r"units=best ranks heads with neurons and needs head scores",
+        ),
+        ({"pruning": {"units": "best", "head_rate": 0.5}}, r"units=best ranks heads with the neurons"),
         ({"search": {"acceptance": "lucky"}}, r"acceptance='lucky' is unknown; choose one of: confirm"),
         ({"search": {"confirm_fraction": 1.0}}, r"confirm_fraction=1.0 is invalid"),
         ({"search": {"acceptance": "paired_se", "resamples": 0}}, r"paired_se needs standard errors"),

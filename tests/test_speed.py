@@ -333,6 +333,81 @@ def test_refining_does_not_score_a_rate_the_search_part_already_judged():
     assert 0.31 not in asked and asked == [0.28, 0.29, 0.3]
 
 
+def test_confirmation_never_looks_at_or_below_a_floor():
+    from skeleton.pipeline import _Split, confirm_rate
+
+    held_back = _Split(loader=None, dense=None, base=0.90)
+    points = {0.2: {"accepted": True}, 0.4: {"accepted": True}, 0.5: {"accepted": True}}
+    asked = []
+
+    def evaluate_on(split, rate):
+        asked.append(rate)
+        return 0.80, None  # nothing holds
+
+    rate = confirm_rate(
+        held_back, points, 0.5, evaluate_on, 0.01, "accuracy", report=lambda _: None, floor=0.3
+    )
+    assert rate == 0.3 and asked == [0.5, 0.4]  # 0.2 is below the floor another search already reached
+
+
+def _best_setup():
+    from skeleton.localize.config import SkeletonConfig
+    from skeleton.pipeline import ffn_only, ffn_share, selector
+
+    backbone = tiny_backbone("bert")
+    table = unit_table(backbone, flop_cost_model(backbone, 4, 16))
+    scores = score_neurons(StandIn(backbone), [make_batch()], heads=True, head_score="channels")
+    cfg = SkeletonConfig(pruning={"units": "best"})
+    joint = selector(scores, cfg, table)
+    return table, joint, ffn_only(joint.keys_of, table, cfg), ffn_share(table), cfg
+
+
+def test_the_ffn_only_ranking_keeps_every_head_and_drops_neurons_in_the_joint_order():
+    table, joint, alone, share, _ = _best_setup()
+    keys = joint.keys_of(0.3)
+    neurons = ~table.is_head
+    for rate in (0.1, 0.3, share * 0.99):
+        keep_ffn, keep_heads = alone(rate)
+        assert all(len(k) == h for k, h in zip(keep_heads, table.heads))  # no head goes
+        kept = torch.zeros(len(table), dtype=torch.bool)
+        for i, k in enumerate(keep_ffn):
+            kept[((table.layer == i) & neurons).nonzero().view(-1)[k]] = True
+        removed = float(table.cost[neurons & ~kept].sum()) / table.total
+        assert rate - float(table.cost[neurons].max()) / table.total <= removed <= rate + 1e-9
+        # every dropped neuron ranks at or below every kept one under the joint keys
+        assert keys[neurons & ~kept].max() <= keys[neurons & kept].min()
+    assert not all(len(k) == h for k, h in zip(joint(0.3)[1], table.heads))  # the joint ranking drops heads
+
+
+@pytest.mark.parametrize("ffn_rate, wins", [(0.55, True), (0.2, False)])
+def test_best_keeps_the_ffn_only_network_only_where_it_is_modelled_faster(ffn_rate, wins):
+    from skeleton.localize.config import Units
+    from skeleton.pipeline import search_past_joint
+
+    table, joint, alone, share, cfg = _best_setup()
+    cost = flop_cost_model(tiny_backbone("bert"), 4, 16)
+    asked = {}
+
+    def search(select, floor, max_rate, ranking):
+        asked.update(floor=floor, max_rate=max_rate, ranking=ranking)
+        found = ffn_rate if ffn_rate > floor else floor
+        return found, [[0.0, 0.9]], [{"rate": found, "ranking": "ffn", "chosen": True}]
+
+    joint_points = [{"rate": 0.3, "ranking": "joint", "chosen": True}]
+    select, rate, _, points, units = search_past_joint(
+        search, joint, alone, (0.3, [[0.0, 0.9]], joint_points), table, cost, cfg, report=lambda _: None
+    )
+    assert asked == {"floor": 0.3, "max_rate": pytest.approx(min(0.99, share)), "ranking": Units.FFN}
+    assert len(points) == 2 and sum("chosen" in p for p in points) == 1
+    if wins:
+        assert units == Units.FFN and rate == 0.55 and select is alone and points[1]["chosen"]
+        assert cost.latency(*[[len(k) for k in x] for x in alone(0.55)]) < cost.latency(
+            *[[len(k) for k in x] for x in joint(0.3)]
+        )
+    else:
+        assert units == Units.JOINT and rate == 0.3 and select is joint and points[0]["chosen"]
+
+
 def test_joint_ranking_refuses_scores_without_heads_or_of_another_shape():
     from skeleton.localize import Scores
 

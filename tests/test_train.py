@@ -48,6 +48,44 @@ def test_skeleton_run_prunes_and_reports(tmp_path):
     assert (run_dir / "skeleton" / "skeleton.json").exists() and out.artifact == str(run_dir / "skeleton")
 
 
+@pytest.mark.parametrize("joint_reaches", [0.2, None])
+def test_units_best_keeps_the_faster_of_the_joint_and_the_ffn_only_network(
+    tmp_path, monkeypatch, joint_reaches
+):
+    """units=best: where the joint ranking stops early, FFN neurons alone go further and win (every head
+    kept); where it already passed the FFN neurons' share of the cost, no second search runs."""
+    import skeleton.pipeline as pipeline
+    from skeleton.export import load_skeleton
+    from skeleton.localize import ffn_widths, heads_per_layer
+
+    search_rate = pipeline.search_rate
+
+    def joint_stops_early(*args, max_rate=None, ranking=None, **kw):
+        if ranking is None and joint_reaches is not None:
+            max_rate = joint_reaches
+        return search_rate(*args, max_rate=max_rate, ranking=ranking, **kw)
+
+    monkeypatch.setattr(pipeline, "search_rate", joint_stops_early)
+    run_dir = tmp_path / "run"
+    overrides = ["skeleton.psi=100", "skeleton.pruning.units=best", "skeleton.search.granularity=0.05"]
+    cfg = compose_config(overrides, run_dir=run_dir)
+    out = train(cfg).skeleton
+    assert out.skeleton_config["pruning"]["units"] == "best"
+    rankings = {p.get("ranking") for p in out.search_points}
+    chosen = [p for p in out.search_points if p.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["rate"] == out.rate
+    if joint_reaches is None:  # the joint ranking went past every neuron's share: nothing left to try
+        assert out.units == "joint" and rankings == {None} and out.rate > 0.9
+        return
+    assert out.units == "ffn" and rankings == {None, "ffn"} and chosen[0]["ranking"] == "ffn"
+    assert out.rate > joint_reaches and out.heads["kept"] == out.heads["dense"]
+    joint_best = max(p["modelled_speedup"] for p in out.search_points if "ranking" not in p)
+    assert out.modelled_speedup > joint_best
+    reloaded = load_skeleton(run_dir / "skeleton")  # the artifact rebuilds the FFN-only network
+    assert ffn_widths(reloaded.backbone) == out.ffn.kept_per_layer
+    assert heads_per_layer(reloaded.backbone) == out.heads["dense"]
+
+
 def test_a_point_search_curve_starts_at_the_dense_search_score(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config(["skeleton.psi=100", "skeleton.search.acceptance=point"], run_dir=run_dir)

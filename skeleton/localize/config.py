@@ -70,6 +70,12 @@ class Scope(Choice):
 class Units(Choice):
     JOINT = "joint"  # heads and FFN neurons ranked together by score per modelled cost; search on latency
     FFN = "ffn"  # FFN neurons only, the largest rate within psi (the papers)
+    BEST = "best"  # the joint ranking, then FFN neurons alone past its rate: the lower modelled latency wins
+
+    @property
+    def ranks_heads(self) -> bool:
+        """Whether heads are ranked with the neurons (joint ranking, searched in modelled cost)."""
+        return self in (Units.JOINT, Units.BEST)
 
 
 class Acceptance(Choice):
@@ -183,18 +189,18 @@ class PruningConfig:
         check(self.min_per_layer >= 0, f"{key}.min_per_layer", self.min_per_layer, "use a width >= 0")
         check(self.round_to >= 1, f"{key}.round_to", self.round_to, "use a multiple >= 1 (1: no rounding)")
         check(0 <= self.head_rate < 1, f"{key}.head_rate", self.head_rate, "use a fraction in [0, 1)")
-        if self.units == Units.JOINT:
+        if self.units.ranks_heads:
             check(
                 self.head_rate == 0,
                 f"{key}.head_rate",
                 self.head_rate,
-                "units=joint ranks heads with the neurons; use head_rate=0 or units=ffn",
+                f"units={self.units.value} ranks heads with the neurons; use head_rate=0 or units=ffn",
             )
             check(
                 self.scope == Scope.GLOBAL,
                 f"{key}.scope",
                 self.scope.value,
-                "units=joint ranks every unit of every layer together; use scope=global or units=ffn",
+                f"units={self.units.value} ranks every unit of every layer together; use scope=global or units=ffn",
             )
 
 
@@ -299,9 +305,9 @@ class SkeletonConfig:
                 f"skeleton.pruning.head_rate={self.pruning.head_rate} needs head scores: "
                 "set skeleton.attribution.heads=true (or head_rate=0)"
             )
-        if self.pruning.units == Units.JOINT and not self.attribution.heads:
+        if self.pruning.units.ranks_heads and not self.attribution.heads:
             raise ConfigError(
-                "skeleton.pruning.units=joint ranks heads with neurons and needs head scores: "
+                f"skeleton.pruning.units={self.pruning.units.value} ranks heads with neurons and needs head scores: "
                 "set skeleton.attribution.heads=true (or pruning.units=ffn)"
             )
 

@@ -52,6 +52,7 @@ def search_pruning_rate(
     lookahead: int = 2,
     progress: Callable[[float, float, bool], None] | None = None,
     accept: Callable[[float, float], bool] | None = None,
+    floor: float = 0.0,
 ) -> SearchResult:
     """Largest rate r on the grid with evaluate(r) >= base_score - psi.
 
@@ -63,6 +64,9 @@ def search_pruning_rate(
     progress: called as progress(rate, score, admissible) after each evaluation.
     accept: accept(rate, score) -> admissible, called once per evaluated rate, for acceptance rules
         beyond "score >= base_score - psi" (e.g. the drop plus its standard error within psi).
+    floor: a rate taken as admissible without evaluating it (one another search already reached): only
+        rates above it are evaluated, the grid point just above it first, so a search that cannot beat it
+        costs 1 + lookahead evaluations. The result is ``floor`` (score NaN) when nothing above it passes.
     A NaN score counts as not admissible.
     """
     _validate(psi, granularity, max_rate, lookahead)
@@ -87,7 +91,9 @@ def search_pruning_rate(
                 progress(rate(k), cache[k], passed)
         return verdict[k]
 
-    lo = 0
+    lo = min(math.floor(floor / granularity + 1e-9), top) if floor > 0 else 0
+    if 0 < lo < top:
+        ok(lo + 1)  # the first step past the floor, before any bisection
     while True:
         hi = min((k for k in cache if k > lo and not ok(k)), default=top + 1)
         while hi - lo > 1:
@@ -98,7 +104,8 @@ def search_pruning_rate(
             break
         lo = nxt
     curve = [(0.0, float(base_score))] + [(rate(k), s) for k, s in sorted(cache.items())]
-    return SearchResult(rate(lo), float(base_score) if lo == 0 else cache[lo], curve, len(cache))
+    value = float(base_score) if lo == 0 else cache.get(lo, math.nan)
+    return SearchResult(rate(lo), value, curve, len(cache))
 
 
 def masked_evaluator(
