@@ -34,7 +34,7 @@ from skeleton.fastpath import (
     prepare,
 )
 from skeleton.localize import backbone_flops, count_parameters
-from skeleton.timing import MAX_LOAD, interleaved_ms, machine_load
+from skeleton.timing import MAX_LOAD, MAX_OTHERS, OtherLoad, interleaved_ms, machine_load
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -108,9 +108,10 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
         raise ValueError("cannot time the models: the dev split is empty")
     batch = first_examples(batches[len(batches) // 2], bench.batch_size)
     batch = to_device(batch, _device_of(model))
-    timings = measure_latency(
-        {"dense": model.on_backbone(dense_backbone), "pruned": model}, batch, repeats=bench.repeats
-    )
+    with OtherLoad() as others:
+        timings = measure_latency(
+            {"dense": model.on_backbone(dense_backbone), "pruned": model}, batch, repeats=bench.repeats
+        )
     dense_ms, pruned_ms = timings["dense"]["median_ms"], timings["pruned"]["median_ms"]
     spread = max(t["p90_ms"] / max(t["median_ms"], 1e-9) for t in timings.values())
     load = machine_load()
@@ -123,8 +124,17 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
         "device": str(_device_of(model)),
         "spread": round(spread, 3),
         "load": None if load is None else round(load, 2),
-        "reliable": spread <= MAX_SPREAD and (load is None or load <= MAX_LOAD),
+        "others": None if others.value is None else round(others.value, 3),
+        "reliable": spread <= MAX_SPREAD and not shared_cpu(others.value, load),
     }
+
+
+def shared_cpu(others: float | None, load: float | None) -> bool:
+    """Whether other work shared the CPU while timing: other processes' share of the cores where the OS
+    tells it (this process's own threads do not count), else the load average per core."""
+    if others is not None:
+        return others > MAX_OTHERS
+    return load is not None and load > MAX_LOAD
 
 
 MAX_SPREAD = 1.5  # p90 / median of the repeats above this: other work interfered with the timing

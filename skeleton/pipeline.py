@@ -167,7 +167,7 @@ def run_skeleton(
     del dense_backbone
     if not latency["reliable"]:
         warnings.append(
-            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine (load {latency['load']} per core, "
+            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine ({_busy(latency)}, "
             f"p90/median {latency['spread']}): rerun skeleton-bench on the artifact on an idle machine"
         )
         report(f"WARNING: {warnings[-1]}")
@@ -214,6 +214,12 @@ def run_skeleton(
         modelled_speedup=round(modelled, 4),
     )
     return SkeletonResult(outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored)
+
+
+def _busy(latency: dict) -> str:
+    if latency.get("others") is not None:
+        return f"other processes used {latency['others']:.0%} of the cores"
+    return f"load {latency['load']} per core"
 
 
 # ---- the steps -----------------------------------------------------------------------------------
@@ -642,8 +648,7 @@ def search_rate(
     )
     rate = found.rate
     if floor > 0 and rate <= floor:
-        report(f"search: nothing past {floor:.2f} keeps psi={cfg.psi} ({found.evaluations} evaluations)")
-        return floor, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
+        return _nothing_past(floor, found, points, cfg, report)
     if confirm is not None:
 
         def passes(r: float) -> bool:
@@ -664,6 +669,8 @@ def search_rate(
             granularity=s.granularity,
             floor=floor,
         )
+        if floor > 0 and rate <= floor:
+            return _nothing_past(floor, found, points, cfg, report)
     elif s.acceptance in HELD_BACK:
         report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
     unit = "of the units' modelled cost" if cfg.pruning.units.ranks_heads else "of FFN neurons"
@@ -676,6 +683,12 @@ def search_rate(
     if rate in points:
         points[rate]["chosen"] = True
     return rate, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
+
+
+def _nothing_past(floor: float, found, points: dict, cfg: SkeletonConfig, report: Report):
+    """A search with a floor that found no rate above it keeping psi: ``floor`` back, nothing chosen."""
+    report(f"search: nothing past {floor:.2f} keeps psi={cfg.psi} ({len(points)} evaluations)")
+    return floor, [list(p) for p in found.curve], [points[r] for r in sorted(points)]
 
 
 @contextmanager

@@ -63,6 +63,7 @@ class Latency:
     device: str
     spread: float = 0.0  # p90 / median of the repeats (the noisier model)
     load: float | None = None  # 1-minute load average per core while timing
+    others: float | None = None  # share of the cores other processes used while timing (Linux)
     reliable: bool = True  # False: the machine was busy; rerun skeleton-bench on an idle one
 
 

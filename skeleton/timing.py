@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 MAX_LOAD = 1.0  # runnable processes per core (1-minute load average) above this: the CPU was shared
+MAX_OTHERS = 0.25  # share of every core other processes used while timing above this: the CPU was shared
 
 
 def machine_load() -> float | None:
@@ -22,6 +23,40 @@ def machine_load() -> float | None:
         return os.getloadavg()[0] / max(os.cpu_count() or 1, 1)
     except OSError:
         return None
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(busy CPU seconds of the whole machine, this process's CPU seconds, wall seconds), or None where
+    /proc/stat is missing (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+    own = os.times()
+    return busy, own.user + own.system, time.monotonic()
+
+
+class OtherLoad:
+    """The share of the machine's cores that *other* processes used while the block ran (0: idle but
+    for this process, 1: every core busy elsewhere), from /proc/stat against this process's own CPU
+    time. Unlike the load average, a process's own threads do not count against it: a lone run that
+    has just trained on every core reads as idle. ``value`` is None where /proc/stat is missing."""
+
+    def __enter__(self) -> OtherLoad:
+        self._start, self.value = _cpu_sample(), None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = _cpu_sample()
+        if self._start is None or end is None:
+            return
+        busy, own, wall = (b - a for a, b in zip(self._start, end))
+        if wall > 0:
+            cores = max(os.cpu_count() or 1, 1)
+            self.value = min(max(busy - own, 0.0) / (wall * cores), 1.0)
 
 
 def interleaved_ms(

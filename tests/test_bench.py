@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -80,3 +81,44 @@ def test_cli_on_skeleton_and_dense_twin_of_an_export(tmp_path, capsys):
 
     dense, again = load_pair(export_pruned(pruned, tmp_path / "export"))
     assert ffn_widths(dense.backbone) == [64, 64] and ffn_widths(again.backbone) == [16, 16]
+
+
+def test_other_processes_cpu_share_leaves_out_this_process_own_threads(monkeypatch):
+    """A lone run that keeps every core busy itself reads as idle; CPU time used elsewhere counts."""
+    from skeleton import timing
+
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    samples = iter([(10.0, 2.0, 0.0), (14.0, 6.0, 2.0)])  # all 4 busy CPU-seconds were this process's
+    monkeypatch.setattr(timing, "_cpu_sample", lambda: next(samples))
+    with timing.OtherLoad() as alone:
+        pass
+    assert alone.value == 0.0
+    samples = iter([(10.0, 2.0, 0.0), (13.0, 3.0, 1.0)])  # 2 of the 3 busy CPU-seconds were elsewhere
+    monkeypatch.setattr(timing, "_cpu_sample", lambda: next(samples))
+    with timing.OtherLoad() as shared:
+        pass
+    assert shared.value == pytest.approx(1.0)
+    monkeypatch.setattr(timing, "_cpu_sample", lambda: None)  # no /proc/stat: unknown, not idle
+    with timing.OtherLoad() as unknown:
+        pass
+    assert unknown.value is None
+
+
+def test_a_timing_is_distrusted_on_others_share_where_known_else_on_the_load_average():
+    from skeleton.bench import shared_cpu
+
+    assert not shared_cpu(0.05, 1.9)  # the load average counts this run's own threads: not shared
+    assert shared_cpu(0.6, 0.1)
+    assert shared_cpu(None, 1.5) and not shared_cpu(None, 0.5) and not shared_cpu(None, None)
+
+
+def test_the_cpu_sampler_reads_this_machine():
+    import sys
+
+    from skeleton import timing
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/stat is Linux's")
+    with timing.OtherLoad() as load:
+        sum(i * i for i in range(200_000))
+    assert load.value is not None and 0.0 <= load.value <= 1.0

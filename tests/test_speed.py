@@ -350,6 +350,40 @@ def test_confirmation_never_looks_at_or_below_a_floor():
     assert rate == 0.3 and asked == [0.5, 0.4]  # 0.2 is below the floor another search already reached
 
 
+def test_a_floored_search_that_nothing_above_its_floor_survives_returns_the_floor(monkeypatch):
+    """The search half accepts rates past the floor, the pooled confirmation refuses them all: the floor
+    comes back (another search's rate), with no point of this search marked chosen."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import skeleton.pipeline as pipeline
+    from skeleton.localize.config import SkeletonConfig
+
+    model = SimpleNamespace(task=SimpleNamespace(headline="accuracy"))
+    asked = {}
+
+    def select(rate):
+        asked["rate"] = rate
+        return [torch.arange(FFN // 2)] * LAYERS, None
+
+    def evaluate(_, loader):  # the search half keeps everything, the pooled split nothing past 0.3
+        return {"accuracy": 0.9 if loader == "half" or asked["rate"] <= 0.3 else 0.8}
+
+    parts = (pipeline._Split("half", None, 0.9), pipeline._Split("whole", None, 0.9))
+    monkeypatch.setattr(pipeline, "search_splits", lambda *a: parts)
+    monkeypatch.setattr(pipeline, "candidate", lambda m, *a: nullcontext(m))
+    monkeypatch.setattr(pipeline, "collect", lambda m, loader: loader)  # not Predictions: evaluate decides
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    cfg = SkeletonConfig(search={"acceptance": "pooled", "granularity": 0.1, "max_rate": 0.6})
+    lines = []
+    rate, _, points = pipeline.search_rate(
+        model, None, select, _cost(), None, None, cfg, [], lines.append, floor=0.3
+    )
+    assert rate == 0.3 and points and all(p["rate"] > 0.3 for p in points)
+    assert not any(p.get("chosen") for p in points) and any(p.get("accepted") for p in points)
+    assert "nothing past 0.30" in lines[-1]
+
+
 def _best_setup():
     from skeleton.localize.config import SkeletonConfig
     from skeleton.pipeline import ffn_only, ffn_share, selector
