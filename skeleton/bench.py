@@ -34,7 +34,7 @@ from skeleton.fastpath import (
     prepare,
 )
 from skeleton.localize import backbone_flops, count_parameters
-from skeleton.timing import MAX_LOAD, MAX_OTHERS, OtherLoad, interleaved_ms, machine_load
+from skeleton.timing import OtherLoad, interleaved_ms, machine_load, shared_cpu
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -127,14 +127,6 @@ def measure_speedup(model: nn.Module, dense_backbone: nn.Module, loader, bench) 
         "others": None if others.value is None else round(others.value, 3),
         "reliable": spread <= MAX_SPREAD and not shared_cpu(others.value, load),
     }
-
-
-def shared_cpu(others: float | None, load: float | None) -> bool:
-    """Whether other work shared the CPU while timing: other processes' share of the cores where the OS
-    tells it (this process's own threads do not count), else the load average per core."""
-    if others is not None:
-        return others > MAX_OTHERS
-    return load is not None and load > MAX_LOAD
 
 
 MAX_SPREAD = 1.5  # p90 / median of the repeats above this: other work interfered with the timing

@@ -46,6 +46,7 @@ from skeleton.localize.config import Acceptance, SkeletonConfig, Units, rounds_o
 from skeleton.localize.cost import CostModel, cached_cost_model
 from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, select_units, unit_table
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
+from skeleton.timing import describe_load
 from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, subset_loader
 
 Report = Callable[[str], None]
@@ -167,7 +168,7 @@ def run_skeleton(
     del dense_backbone
     if not latency["reliable"]:
         warnings.append(
-            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine ({_busy(latency)}, "
+            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine ({describe_load(latency.get('others'), latency['load'])}, "
             f"p90/median {latency['spread']}): rerun skeleton-bench on the artifact on an idle machine"
         )
         report(f"WARNING: {warnings[-1]}")
@@ -214,12 +215,6 @@ def run_skeleton(
         modelled_speedup=round(modelled, 4),
     )
     return SkeletonResult(outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored)
-
-
-def _busy(latency: dict) -> str:
-    if latency.get("others") is not None:
-        return f"other processes used {latency['others']:.0%} of the cores"
-    return f"load {latency['load']} per core"
 
 
 # ---- the steps -----------------------------------------------------------------------------------

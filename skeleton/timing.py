@@ -59,6 +59,20 @@ class OtherLoad:
             self.value = min(max(busy - own, 0.0) / (wall * cores), 1.0)
 
 
+def shared_cpu(others: float | None, load: float | None) -> bool:
+    """Whether other work shared the CPU: other processes' share of the cores where the OS tells it
+    (``OtherLoad``: this process's own threads do not count), else the load average per core."""
+    if others is not None:
+        return others > MAX_OTHERS
+    return load is not None and load > MAX_LOAD
+
+
+def describe_load(others: float | None, load: float | None) -> str:
+    if others is not None:
+        return f"other processes used {others:.0%} of the cores"
+    return f"load {load} per core"
+
+
 def interleaved_ms(
     calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int, sync: bool = False
 ) -> dict[str, list[float]]:

@@ -105,7 +105,7 @@ def test_other_processes_cpu_share_leaves_out_this_process_own_threads(monkeypat
 
 
 def test_a_timing_is_distrusted_on_others_share_where_known_else_on_the_load_average():
-    from skeleton.bench import shared_cpu
+    from skeleton.timing import shared_cpu
 
     assert not shared_cpu(0.05, 1.9)  # the load average counts this run's own threads: not shared
     assert shared_cpu(0.6, 0.1)

@@ -81,7 +81,7 @@ def test_flop_model_matches_the_analytic_flops_of_a_neuron_and_a_head():
 
 
 def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)  # an idle machine
+    monkeypatch.setattr(cost_module, "cpu_busy", lambda others: (False, "idle"))  # an idle machine
     backbone = tiny_backbone("bert")
     first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
     files = list((tmp_path / "latency").glob("*.json"))
@@ -98,10 +98,23 @@ def test_a_measured_model_is_cached_by_shape_and_refreshed_when_it_changes(tmp_p
 
 
 def test_a_timing_on_a_busy_machine_ranks_its_run_but_is_not_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)
+    monkeypatch.setattr(cost_module, "cpu_busy", lambda others: (True, "load 3.0 per core"))
     said = []
     cached_cost_model(tiny_backbone("bert"), 4, 16, cache_dir=tmp_path, report=said.append)
     assert not (tmp_path / "latency").exists() and any("busy machine" in line for line in said)
+
+
+def test_auto_reads_other_processes_while_it_waits_and_ranks_by_flops_when_they_use_the_cpu(monkeypatch):
+    from skeleton import timing
+
+    monkeypatch.setattr(cost_module, "IDLE_PROBE_S", 0.0)
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    samples = iter([(0.0, 0.0, 0.0), (1.0, 0.0, 1.0)])  # 1 busy CPU-second of 2, none of it ours
+    monkeypatch.setattr(timing, "_cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed while shared"))
+    said = []
+    model = cached_cost_model(tiny_backbone("bert"), 4, 16, kind="auto", report=said.append)
+    assert model.kind == "flops" and "other processes used 50% of the cores" in said[0]
 
 
 # ---- joint selection -----------------------------------------------------------------------------
@@ -269,7 +282,7 @@ def test_confirmation_walks_down_to_the_largest_rate_the_held_back_part_keeps():
 
 def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_cached(tmp_path, monkeypatch):
     backbone = tiny_backbone("bert")
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)
+    monkeypatch.setattr(cost_module, "cpu_busy", lambda others: (True, "load 3.0 per core"))
     monkeypatch.setattr(
         cost_module, "measure_cost_model", lambda *a, **k: pytest.fail("timed on a busy machine")
     )
@@ -277,11 +290,13 @@ def test_auto_ranks_by_flops_on_a_busy_machine_and_by_a_measurement_when_one_is_
         cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None).kind
         == "flops"
     )
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)
+    monkeypatch.setattr(cost_module, "cpu_busy", lambda others: (False, "idle"))
     monkeypatch.setattr(cost_module, "measure_cost_model", measure_cost_model)
     measured = cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None)
     assert measured.kind == "measured"
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 3.0)  # busy again: the cached one still counts
+    monkeypatch.setattr(
+        cost_module, "cpu_busy", lambda others: (True, "load 3.0 per core")
+    )  # busy again: the cached one still counts
     assert (
         cached_cost_model(backbone, 4, 16, kind="auto", cache_dir=tmp_path, report=lambda _: None) == measured
     )
@@ -454,7 +469,7 @@ def test_joint_ranking_refuses_scores_without_heads_or_of_another_shape():
 
 
 def test_an_unreadable_cached_latency_model_is_named_and_measured_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "machine_load", lambda: 0.1)
+    monkeypatch.setattr(cost_module, "cpu_busy", lambda others: (False, "idle"))
     backbone = tiny_backbone("bert")
     first = cached_cost_model(backbone, 4, 16, cache_dir=tmp_path, report=lambda _: None)
     (path,) = (tmp_path / "latency").glob("*.json")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skeleton.timing import MAX_LOAD, interleaved_ms, machine_load
+from skeleton.timing import OtherLoad, describe_load, interleaved_ms, machine_load, shared_cpu
 
 from .arch import in_features, layer_parts
 from .skip import attention_skippable
@@ -227,6 +227,16 @@ def cost_key(backbone: nn.Module, batch_size: int, seq_len: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+IDLE_PROBE_S = 0.5  # cost.model=auto: how long other processes' CPU share is read before timing
+
+
+def cpu_busy(others: float | None) -> tuple[bool, str]:
+    """Whether other work shared the CPU (``others``: ``OtherLoad``'s share, else the load average),
+    and how that reads in a message."""
+    load = machine_load()
+    return shared_cpu(others, load), describe_load(others, load)
+
+
 def cached_cost_model(
     backbone: nn.Module,
     batch_size: int,
@@ -249,23 +259,26 @@ def cached_cost_model(
                 return CostModel.from_dict(json.loads(path.read_text()))
             except (ValueError, TypeError):
                 report(f"WARNING: unreadable latency model {path}: measuring again")
-    load = machine_load()
-    if kind == "auto" and load is not None and load > MAX_LOAD:
-        report(
-            f"the machine is busy (load {load:.1f} per core): ranking by the FLOP model instead of timing "
-            "(skeleton.cost.model=measured times anyway)"
-        )
-        return flop_cost_model(backbone, batch_size, seq_len)
+    if kind == "auto":
+        with OtherLoad() as idle:  # this process waits: whatever runs meanwhile is other work
+            time.sleep(IDLE_PROBE_S)
+        busy, why = cpu_busy(idle.value)
+        if busy:
+            report(
+                f"the machine is busy ({why}): ranking by the FLOP model instead of timing "
+                "(skeleton.cost.model=measured times anyway)"
+            )
+            return flop_cost_model(backbone, batch_size, seq_len)
     started = time.perf_counter()
-    model = measure_cost_model(backbone, batch_size, seq_len)
-    load = machine_load()
-    busy = load is not None and load > MAX_LOAD
+    with OtherLoad() as during:
+        model = measure_cost_model(backbone, batch_size, seq_len)
+    busy, why = cpu_busy(during.value)
     where = f", kept in {path}" if path is not None and not busy else ""
     report(f"latency model measured in {time.perf_counter() - started:.1f}s{where}")
     if busy:
         report(
-            f"WARNING: the latency model was measured on a busy machine (load {load:.1f} per core): it ranks "
-            "this run but is not cached; set skeleton.cost.model=flops for a ranking that does not depend on load"
+            f"WARNING: the latency model was measured on a busy machine ({why}): it ranks this run but is "
+            "not cached; set skeleton.cost.model=flops for a ranking that does not depend on load"
         )
     if path is not None and not busy:
         path.parent.mkdir(parents=True, exist_ok=True)
