@@ -9,8 +9,8 @@ and neurons together by score per modelled cost and search on one half of the se
 candidate rate must then keep psi on both halves pooled (``pooled``) or on the other half alone
 (``confirm``). ``paper`` (``skeleton=paper``) prunes FFN neurons only, at the largest rate the whole
 split keeps within psi. ``best`` (``pruning.units=best``) searches as ``pooled`` does, then FFN
-neurons alone past the joint rate, and keeps the lower modelled latency. All reuse one converged prompt per task x seed (the prompt cache), so the
-methods differ only after training. Then it times every artifact
+neurons alone past the joint rate, and keeps the lower modelled latency. All reuse one converged
+prompt per task x seed (the prompt cache), so the methods differ only after training. Then it times every artifact
 again, dense vs pruned interleaved, at 128 tokens (batch 32) and at batch 1, and writes speed.md and
 speed.json into --out. Runs that already hold a complete summary are not run again.
 """

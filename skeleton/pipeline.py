@@ -139,12 +139,15 @@ def run_skeleton(
     started = time.perf_counter()
     rounds_before = ranking.seconds if ranking is not None else 0.0
     select = selector(ranking if ranking is not None else scores, cfg, table)
-    rate, curve, points = search_rate(model, data, select, cost, dense, dense_preds, cfg, warnings, report)
+    splits = search_splits(model, data, dense, dense_preds, cfg)
+    rate, curve, points = search_rate(
+        model, data, select, cost, dense, dense_preds, cfg, warnings, report, splits=splits
+    )
     units = Units.FFN if cfg.pruning.units == Units.FFN else Units.JOINT
     if cfg.pruning.units == Units.BEST:
         search = functools.partial(
             search_rate, model, data, cost=cost, dense=dense, dense_preds=dense_preds, cfg=cfg,
-            warnings=warnings, report=report,
+            warnings=warnings, report=report, splits=splits,
         )  # fmt: skip
         alone = ffn_only(select.keys_of, table, cfg)
         select, rate, curve, points, units = search_past_joint(
@@ -168,8 +171,9 @@ def run_skeleton(
     del dense_backbone
     if not latency["reliable"]:
         warnings.append(
-            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine ({describe_load(latency.get('others'), latency['load'])}, "
-            f"p90/median {latency['spread']}): rerun skeleton-bench on the artifact on an idle machine"
+            f"the speedup x{latency['speedup']:.2f} was timed on a busy machine "
+            f"({describe_load(latency.get('others'), latency['load'])}, p90/median {latency['spread']}): "
+            "rerun skeleton-bench on the artifact on an idle machine"
         )
         report(f"WARNING: {warnings[-1]}")
     after = shape_report(model.backbone)
@@ -558,14 +562,16 @@ def search_rate(
     floor: float = 0.0,
     max_rate: float | None = None,
     ranking: Units | None = None,
+    splits: tuple[_Split, _Split | None] | None = None,
 ) -> tuple[float, list[list[float]], list[dict]]:
     """The largest rate whose search score stays within psi under the acceptance rule, evaluated on
     pruned copies (``candidate``). For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
     (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict.
     ``floor``: only rates above it are searched (``floor`` comes back when none passes); ``ranking``
-    tags the points (units=best runs two searches)."""
+    tags the points (units=best runs two searches); ``splits``: ``search_splits``' parts, made once by
+    a caller that searches twice."""
     headline, s, margin = model.task.headline, cfg.search, cfg.margin
-    search, confirm = search_splits(model, data, dense, dense_preds, cfg)
+    search, confirm = splits or search_splits(model, data, dense, dense_preds, cfg)
     points: dict[float, dict] = {}
     fixed_heads = cfg.pruning.units == Units.FFN and cfg.pruning.head_rate > 0
 
@@ -590,9 +596,7 @@ def search_rate(
         return value, drop
 
     def point(rate: float) -> dict:
-        keep_ffn, keep_heads = select(rate)
-        widths = [len(k) for k in keep_ffn]
-        heads = [len(k) for k in keep_heads] if keep_heads is not None else None
+        widths, heads = _shape(select(rate))
         return {
             "rate": rate,
             **({"ranking": str(ranking)} if ranking is not None else {}),
@@ -642,8 +646,6 @@ def search_rate(
         ),
     )
     rate = found.rate
-    if floor > 0 and rate <= floor:
-        return _nothing_past(floor, found, points, cfg, report)
     if confirm is not None:
 
         def passes(r: float) -> bool:
@@ -664,10 +666,10 @@ def search_rate(
             granularity=s.granularity,
             floor=floor,
         )
-        if floor > 0 and rate <= floor:
-            return _nothing_past(floor, found, points, cfg, report)
     elif s.acceptance in HELD_BACK:
         report("  the search split is too small to hold back a confirmation part: the rate is not confirmed")
+    if floor > 0 and rate <= floor:  # nothing above the floor passed (or held): nothing of this search chosen
+        return _nothing_past(floor, found, points, cfg, report)
     unit = "of the units' modelled cost" if cfg.pruning.units.ranks_heads else "of FFN neurons"
     chosen = point(rate)
     report(

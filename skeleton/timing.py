@@ -68,9 +68,10 @@ def shared_cpu(others: float | None, load: float | None) -> bool:
 
 
 def describe_load(others: float | None, load: float | None) -> str:
+    """What ``shared_cpu`` judged, for a message."""
     if others is not None:
         return f"other processes used {others:.0%} of the cores"
-    return f"load {load} per core"
+    return "load unknown" if load is None else f"load {load:.2f} per core"
 
 
 def interleaved_ms(

@@ -66,6 +66,8 @@ def test_units_best_keeps_the_faster_of_the_joint_and_the_ffn_only_network(
         return search_rate(*args, max_rate=max_rate, ranking=ranking, **kw)
 
     monkeypatch.setattr(pipeline, "search_rate", joint_stops_early)
+    search_splits, made = pipeline.search_splits, []
+    monkeypatch.setattr(pipeline, "search_splits", lambda *a: made.append(1) or search_splits(*a))
     run_dir = tmp_path / "run"
     overrides = ["skeleton.psi=100", "skeleton.pruning.units=best", "skeleton.search.granularity=0.05"]
     cfg = compose_config(overrides, run_dir=run_dir)
@@ -78,6 +80,7 @@ def test_units_best_keeps_the_faster_of_the_joint_and_the_ffn_only_network(
         assert out.units == "joint" and rankings == {None} and out.rate > 0.9
         return
     assert out.units == "ffn" and rankings == {None, "ffn"} and chosen[0]["ranking"] == "ffn"
+    assert len(made) == 1  # both searches share one split of the search split (no dense pass again)
     assert out.rate > joint_reaches and out.heads["kept"] == out.heads["dense"]
     joint_best = max(p["modelled_speedup"] for p in out.search_points if "ranking" not in p)
     assert out.modelled_speedup > joint_best
