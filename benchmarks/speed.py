@@ -30,9 +30,22 @@ from skeleton.summary import RunSummary
 
 # every method names its acceptance rule, so a run folder means the same whatever the defaults are
 METHODS = {
-    "best": ["skeleton.search.acceptance=pooled", "skeleton.pruning.units=best"],
-    "pooled": ["skeleton.search.acceptance=pooled", "skeleton.pruning.units=joint"],
-    "confirm": ["skeleton.search.acceptance=confirm"],
+    "reconstruct": [
+        "skeleton.search.acceptance=pooled",
+        "skeleton.pruning.units=joint",
+        "skeleton.reconstruct.enabled=true",
+    ],
+    "pooled": [
+        "skeleton.search.acceptance=pooled",
+        "skeleton.pruning.units=joint",
+        "skeleton.reconstruct.enabled=false",
+    ],
+    "best": [
+        "skeleton.search.acceptance=pooled",
+        "skeleton.pruning.units=best",
+        "skeleton.reconstruct.enabled=false",
+    ],
+    "confirm": ["skeleton.search.acceptance=confirm", "skeleton.reconstruct.enabled=false"],
     "paper": ["skeleton=paper"],
 }
 TASKS = {
@@ -78,7 +91,7 @@ def row_of(summary: RunSummary) -> dict:
     headline = summary.headline_metric
     dense_dev, pruned_dev = summary.dense.dev[headline], out.pruned.dev[headline]
     dense_search, pruned_search = summary.dense.search[headline], out.pruned.search[headline]
-    localize = out.seconds.get("attribution", 0.0) + out.seconds.get("search", 0.0)
+    localize = sum(out.seconds.get(step, 0.0) for step in ("attribution", "reconstruct", "search"))
     tuning = float(summary.train.get("seconds") or 0.0)
     heads = out.heads or {}
     kept_heads, dense_heads = sum(heads.get("kept", [0])), sum(heads.get("dense", [0]))

@@ -31,10 +31,11 @@ from transformers import AutoConfig, AutoModel
 from skeleton import hf_native, hub
 from skeleton.backbones import load_tokenizer, weights_hash
 from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
+from skeleton.localize.reconstruct import TENSOR_PREFIX, Compensation, compensate
 from skeleton.prompt import PromptTunedModel
 from skeleton.runs import write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a skeleton may carry least-squares compensation (comp.* tensors)
 META = "skeleton.json"
 TENSORS = "skeleton.safetensors"
 WEIGHTS = "model.safetensors"
@@ -70,9 +71,21 @@ def model_hparams(model: PromptTunedModel) -> dict:
     return {n: model.hparams[n] for n in names if n in model.hparams}
 
 
-def _trained_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The prompt + head part of an artifact's tensors (the rest are kept indices)."""
-    return {k: v for k, v in tensors.items() if not k.startswith("keep.")}
+def trained_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prompt + head part of an artifact's tensors (the rest are kept indices and compensation)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(("keep.", TENSOR_PREFIX))}
+
+
+def prune_as_saved(backbone: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Cut a dense backbone to a skeleton's kept units and fold in its compensation: the one way both a
+    reload and a serving view rebuild the saved network."""
+    n = meta["num_layers"]
+    prune_ffn(backbone, [tensors[f"keep.ffn.{i}"] for i in range(n)])
+    if meta.get("heads_per_layer") is not None:
+        prune_heads(backbone, [tensors[f"keep.heads.{i}"] for i in range(n)])
+    comp = Compensation.from_tensors(tensors, n)
+    if comp is not None:
+        compensate(backbone, comp)
 
 
 def _indices(keep, width: int) -> torch.Tensor:
@@ -142,10 +155,12 @@ def save_skeleton(
     keep_heads: list | None = None,
     dense_identity: dict,
     extra: dict | None = None,
+    compensation: Compensation | None = None,
 ) -> Path:
     """Write the small artifact of a pruned model. `keep_ffn` / `keep_heads` are the per-layer indices it
     was pruned with (relative to the dense backbone); `dense_identity` is `model.backbone_identity()` taken
-    BEFORE pruning, so a loader can verify it starts from the very same dense weights."""
+    BEFORE pruning, so a loader can verify it starts from the very same dense weights; `compensation` is
+    what was folded into its weights after slicing (``skeleton.reconstruct``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     backbone = model.backbone
@@ -160,6 +175,9 @@ def save_skeleton(
         "ffn_widths": [len(k) for k in ffn],
         "heads_per_layer": None if heads is None else [len(k) for k in heads],
     }
+    if compensation is not None:  # readers before format 2 would drop it silently: they must refuse
+        tensors.update(compensation.to_tensors())
+        layout["format_version"] = 2
     return _write_artifact(model, path, KIND_SKELETON, dense_identity, tensors, layout, extra)
 
 
@@ -176,7 +194,7 @@ def _write_artifact(model, path: Path, kind: str, identity: dict, tensors: dict,
     tmp.replace(path / TENSORS)
     meta = {
         "kind": kind,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "task": model.task.name,
         "backbone": {"name_or_path": identity["name_or_path"], "sha256": identity["sha256"]},
         "model": model_hparams(model),
@@ -191,7 +209,7 @@ def load_trained(model: PromptTunedModel, path: str | Path) -> dict:
     """Put an artifact's prompt and head into ``model`` (checked against it); returns its metadata."""
     path = resolve_artifact(path)
     meta = read_meta(path)
-    model.load_trained_state(_trained_of(read_tensors(path / TENSORS)), source=str(path / TENSORS))
+    model.load_trained_state(trained_of(read_tensors(path / TENSORS)), source=str(path / TENSORS))
     return meta
 
 
@@ -226,13 +244,11 @@ def _check_identity(model: PromptTunedModel, meta: dict, source: str, path: Path
 
 
 def apply_keep(model: PromptTunedModel, path: str | Path) -> PromptTunedModel:
-    """Prune a dense model in place with the kept indices stored in the skeleton at `path`."""
+    """Prune a dense model in place with the kept indices (and compensation) stored in the skeleton at
+    `path`."""
     path = resolve_artifact(path)
     meta, tensors = read_meta(path), read_tensors(path / TENSORS)
-    n = meta["num_layers"]
-    prune_ffn(model.backbone, [tensors[f"keep.ffn.{i}"] for i in range(n)])
-    if meta.get("heads_per_layer") is not None:
-        prune_heads(model.backbone, [tensors[f"keep.heads.{i}"] for i in range(n)])
+    prune_as_saved(model.backbone, meta, tensors)
     if ffn_widths(model.backbone) != meta["ffn_widths"]:
         raise ArtifactError(
             f"pruning with {path} gave widths {ffn_widths(model.backbone)}, not {meta['ffn_widths']}"
@@ -289,7 +305,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     dense = info.get("backbone") or {"name_or_path": model.backbone_name}
     meta = {
         "kind": KIND_EXPORT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # the compensation is in its weights already
         "task": model.task.name,
         "backbone": dense,  # the dense backbone it was cut from (provenance; not needed to load)
         "model": model_hparams(model),

@@ -45,6 +45,14 @@ from skeleton.localize import (
 from skeleton.localize.config import Acceptance, SkeletonConfig, Units, rounds_of
 from skeleton.localize.cost import CostModel, cached_cost_model
 from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, select_units, unit_table
+from skeleton.localize.reconstruct import (
+    Compensation,
+    calibration_batches,
+    collect_statistics,
+    compensate,
+    compensated_masks,
+    fit_compensation,
+)
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
 from skeleton.timing import describe_load
 from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, subset_loader
@@ -86,6 +94,7 @@ class SkeletonResult:
     dense_identity: dict
     scores: Scores
     scored: bool  # False when the caller passed the scores in (a cache hit)
+    compensation: Compensation | None = None  # the least-squares scales and shifts folded into the weights
 
     @property
     def rate(self) -> float:
@@ -137,17 +146,21 @@ def run_skeleton(
     )
 
     started = time.perf_counter()
+    fit = reconstruction(model, data, cfg, shard=shard, reduce=reduce, report=report)
+    reconstruct_s = time.perf_counter() - started
+
+    started = time.perf_counter()
     rounds_before = ranking.seconds if ranking is not None else 0.0
     select = selector(ranking if ranking is not None else scores, cfg, table)
     splits = search_splits(model, data, dense, dense_preds, cfg)
     rate, curve, points = search_rate(
-        model, data, select, cost, dense, dense_preds, cfg, warnings, report, splits=splits
+        model, data, select, cost, dense, dense_preds, cfg, warnings, report, splits=splits, fit=fit
     )
     units = Units.FFN if cfg.pruning.units == Units.FFN else Units.JOINT
     if cfg.pruning.units == Units.BEST:
         search = functools.partial(
             search_rate, model, data, cost=cost, dense=dense, dense_preds=dense_preds, cfg=cfg,
-            warnings=warnings, report=report, splits=splits,
+            warnings=warnings, report=report, splits=splits, fit=fit,
         )  # fmt: skip
         alone = ffn_only(select.keys_of, table, cfg)
         select, rate, curve, points, units = search_past_joint(
@@ -164,8 +177,9 @@ def run_skeleton(
         )
 
     keep_ffn, keep_heads = select(rate)
+    compensation = fit(keep_ffn, keep_heads) if fit is not None else None
     dense_backbone = copy.deepcopy(model.backbone)
-    prune(model.backbone, keep_ffn, keep_heads)
+    prune(model.backbone, keep_ffn, keep_heads, compensation)
     pruned, pruned_preds = measure(model, data)
     latency = measure_speedup(model, dense_backbone, data.dev_dataloader(), cfg.benchmark)
     del dense_backbone
@@ -190,6 +204,8 @@ def run_skeleton(
     )
 
     seconds = {"attribution": round(attribution_s, 2), "search": round(search_s, 2)}
+    if fit is not None:
+        seconds["reconstruct"] = round(reconstruct_s, 2)
     recovered = None
     if cfg.recovery.steps > 0:
         recovered, seconds["recovery"] = recover_step(model, data, cfg, recover, report)
@@ -218,7 +234,9 @@ def run_skeleton(
         cost_model=cost.to_dict(),
         modelled_speedup=round(modelled, 4),
     )
-    return SkeletonResult(outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored)
+    return SkeletonResult(
+        outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored, compensation
+    )
 
 
 # ---- the steps -----------------------------------------------------------------------------------
@@ -394,6 +412,40 @@ def _lazy_note(ranking: JointRanking | None) -> str:
     return f"; later rounds run when the search asks for rates past {ranking.exact_up_to:.0%}"
 
 
+Fit = Callable[[list, list | None], Compensation]
+
+
+def reconstruction(
+    model: nn.Module,
+    data,
+    cfg: SkeletonConfig,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
+    report: Report = print,
+) -> Fit | None:
+    """(kept neurons, kept heads) -> their least-squares compensation, from one pass of the dense model
+    over training examples (None when ``reconstruct.enabled`` is off). Every searched rate is judged
+    with its own fit, so the search accepts the network that ships."""
+    opts = cfg.reconstruct
+    if not opts.enabled:
+        return None
+    started = time.perf_counter()
+    world = shard[1]
+    stats = collect_statistics(
+        model,
+        calibration_batches(data.attribution_dataloader(opts.instances), shard),
+        max_instances=-(-opts.instances // world),
+        include_prompt=cfg.attribution.include_prompt,
+        reduce=reduce,
+    )
+    report(
+        f"reconstruction: statistics of {stats.tokens} tokens ({opts.instances} instances) in "
+        f"{time.perf_counter() - started:.1f}s"
+    )
+    return functools.partial(fit_compensation, stats, ridge=opts.ridge, shift=opts.shift)
+
+
 def heads_to_keep(scores: Scores, cfg: SkeletonConfig) -> list | None:
     """units=ffn: heads kept at the fixed ``pruning.head_rate`` (None: no head pruning). Chosen before
     the search, which masks them at every rate: the margin covers heads and neurons together."""
@@ -563,13 +615,14 @@ def search_rate(
     max_rate: float | None = None,
     ranking: Units | None = None,
     splits: tuple[_Split, _Split | None] | None = None,
+    fit: Fit | None = None,
 ) -> tuple[float, list[list[float]], list[dict]]:
     """The largest rate whose search score stays within psi under the acceptance rule, evaluated on
     pruned copies (``candidate``). For units=joint the largest rate is the lowest modelled latency. Returns the rate, the
     (rate, score) curve and every evaluated point with its shape, modelled latency, drop and verdict.
     ``floor``: only rates above it are searched (``floor`` comes back when none passes); ``ranking``
     tags the points (units=best runs two searches); ``splits``: ``search_splits``' parts, made once by
-    a caller that searches twice."""
+    a caller that searches twice; ``fit``: each candidate's least-squares compensation (``reconstruction``)."""
     headline, s, margin = model.task.headline, cfg.search, cfg.margin
     search, confirm = splits or search_splits(model, data, dense, dense_preds, cfg)
     points: dict[float, dict] = {}
@@ -579,7 +632,7 @@ def search_rate(
 
     def evaluate_on(split: _Split, rate: float) -> tuple[float, Drop | None]:
         keep_ffn, keep_heads = select(rate)
-        with candidate(model, keep_ffn, keep_heads) as pruned:
+        with candidate(model, keep_ffn, keep_heads, fit) as pruned:
             preds = collect(pruned, split.loader)
             if not isinstance(preds, Predictions):
                 return evaluate(pruned, split.loader)[headline], None
@@ -689,15 +742,18 @@ def _nothing_past(floor: float, found, points: dict, cfg: SkeletonConfig, report
 
 
 @contextmanager
-def candidate(model: nn.Module, keep_ffn: list, keep_heads: list | None):
-    """The model at one searched rate: the pruned network itself (a copy of the backbone, sliced), which
-    equals the masked one up to float rounding and runs faster the more is pruned; masks on the dense
-    backbone where a family cannot slice what was chosen."""
+def candidate(model: nn.Module, keep_ffn: list, keep_heads: list | None, fit: Fit | None = None):
+    """The model at one searched rate: the pruned network itself (a copy of the backbone, sliced and, with
+    ``fit``, compensated), which equals the masked one up to float rounding and runs faster the more is
+    pruned; masks (and compensation hooks) on the dense backbone where a family cannot slice what was
+    chosen."""
+    comp = fit(keep_ffn, keep_heads) if fit is not None else None
     try:
         twin = copy.deepcopy(model.backbone)
-        prune(twin, keep_ffn, keep_heads)
+        prune(twin, keep_ffn, keep_heads, comp)
     except (NotImplementedError, ValueError):
-        with masked(model.backbone, keep_ffn, keep_heads):
+        hooks = masked if comp is None else functools.partial(compensated_masks, comp=comp)
+        with hooks(model.backbone, keep_ffn, keep_heads):
             yield model
         return
     yield model.on_backbone(twin)
@@ -753,10 +809,14 @@ def confirm_rate(
     return round(lo * granularity, 12)
 
 
-def prune(backbone: nn.Module, keep_ffn: list, keep_heads: list | None) -> None:
+def prune(
+    backbone: nn.Module, keep_ffn: list, keep_heads: list | None, comp: Compensation | None = None
+) -> None:
     prune_ffn(backbone, keep_ffn)
     if keep_heads is not None and any(len(k) < h for k, h in zip(keep_heads, heads_per_layer(backbone))):
         prune_heads(backbone, keep_heads)
+    if comp is not None:
+        compensate(backbone, comp)
 
 
 def recover_step(model, data, cfg: SkeletonConfig, recover, report: Report) -> tuple[Measured, float]:

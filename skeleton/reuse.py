@@ -33,6 +33,7 @@ NOT_SCORES = (
     "skeleton.pruning.min_per_layer",  # pruning.scope stays: iterative attribution masks by scope
     "skeleton.pruning.round_to",
     "skeleton.pruning.head_rate",
+    "skeleton.reconstruct",
     "skeleton.recovery",
     "skeleton.benchmark",
     "skeleton.enabled",

@@ -187,6 +187,7 @@ def save_artifact(model, result: SkeletonResult, path: Path) -> Path:
         keep_ffn=result.keep_ffn,
         keep_heads=result.keep_heads,
         dense_identity=result.dense_identity,
+        compensation=result.compensation,
         extra={
             "rate": out.rate,
             "psi": out.psi,

@@ -16,10 +16,12 @@ import httpx
 import pytest
 import torch
 
-from skeleton.backbones import load_tokenizer
+from skeleton.backbones import load_tokenizer, weights_hash
+from skeleton.bench import synthetic_batch
 from skeleton.data import TokenizedSplit, collator_for, tokenize
 from skeleton.export import BackboneMismatchError, load_skeleton, save_skeleton
 from skeleton.localize import layer_parts, prune_ffn, prune_heads
+from skeleton.localize.reconstruct import collect_statistics, compensate, fit_compensation
 from skeleton.prompt import PromptTunedModel
 from skeleton.serve import InputError, MultiTaskModel, UnknownTaskError
 from skeleton.serve.multitask import input_fields
@@ -38,6 +40,9 @@ KEEP = {  # kept FFN neurons of the two 64-wide layers (and heads for mrpc), dif
 }
 
 
+COMPENSATED = "mrpc"  # its skeleton carries least-squares scales and shifts (skeleton.reconstruct)
+
+
 def make_skeleton(task, path, keep_ffn, keep_heads=None, seed=0):
     """A tiny BERT prompt model with a random head, pruned and saved as a skeleton."""
     model = PromptTunedModel(backbone="tiny:bert", task=task, prompt={"num_tokens": 4}, seed=seed)
@@ -46,12 +51,20 @@ def make_skeleton(task, path, keep_ffn, keep_heads=None, seed=0):
         for p in [*model.head.parameters(), model.prompt.embeddings]:
             p.normal_()
     identity = model.backbone_identity()
+    comp = None
+    if task == COMPENSATED:
+        calibration = [synthetic_batch(model, 8, 9, seed=s) for s in (1, 2)]
+        stats = collect_statistics(model, calibration, max_instances=16)
+        comp = fit_compensation(stats, keep_ffn, keep_heads)
     prune_ffn(model.backbone, keep_ffn)
     if keep_heads is not None:
         prune_heads(model.backbone, keep_heads)
+    if comp is not None:
+        compensate(model.backbone, comp)
     return save_skeleton(
-        model, path, keep_ffn=keep_ffn, keep_heads=keep_heads, dense_identity=identity, extra={"rate": 0.5}
-    )
+        model, path, keep_ffn=keep_ffn, keep_heads=keep_heads, dense_identity=identity,
+        extra={"rate": 0.5}, compensation=comp,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +114,9 @@ def test_tasks_share_one_storage_for_everything_they_do_not_prune(multitask):
                 assert name == "mrpc" and "layer.0.attention" in key, key
                 assert _ptr(mine) != _ptr(shared)
                 continue
+            if name == COMPENSATED and "layer.0.attention.output.dense.bias" in key:
+                assert _ptr(mine) != _ptr(shared)  # its shift lives in a bias of its own
+                continue
             assert _ptr(mine) == _ptr(shared), f"{name}: {key} is a copy"
         for i, (mine, shared) in enumerate(zip(layer_parts(view), layer_parts(dense))):
             width = len(KEEP[name][0][i])
@@ -108,6 +124,7 @@ def test_tasks_share_one_storage_for_everything_they_do_not_prune(multitask):
             if width < shared.ffn_width:
                 assert _ptr(mine.up.weight) != _ptr(shared.up.weight)
     assert [p.ffn_width for p in layer_parts(dense)] == [64, 64]  # the dense backbone stays dense
+    assert weights_hash(dense) == multitask.sha256  # and no task's compensation wrote into it
 
 
 def test_library_predictions_equal_load_skeleton_bit_for_bit(multitask, skeletons):

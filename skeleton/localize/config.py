@@ -251,6 +251,22 @@ class CostConfig:
 
 
 @dataclass
+class ReconstructConfig:
+    """Least-squares scales of the kept units and output shifts, fitted to the dense model's sublayer
+    outputs on training examples (``localize/reconstruct.py``): no labels, no gradient steps."""
+
+    enabled: bool = True
+    instances: int = 256  # training examples whose tokens the fit is made on (the attribution sample)
+    ridge: float = 0.01  # pulls the scales towards 1 (the plain pruned network), relative to their scale
+    shift: bool = True  # also fit each sublayer's output bias (what the dropped units added on average)
+
+    def __post_init__(self):
+        key = "skeleton.reconstruct"
+        check(self.instances >= 1, f"{key}.instances", self.instances, "fit on at least 1 instance")
+        check(self.ridge >= 0, f"{key}.ridge", self.ridge, "use a ridge >= 0 (0: plain least squares)")
+
+
+@dataclass
 class RecoveryConfig:
     steps: int = 0  # > 0: tune prompt + head again on the pruned (still frozen) backbone
     lr: float = 1e-2
@@ -275,6 +291,7 @@ SECTIONS = {
     "pruning": PruningConfig,
     "search": SearchConfig,
     "cost": CostConfig,
+    "reconstruct": ReconstructConfig,
     "recovery": RecoveryConfig,
     "benchmark": BenchmarkConfig,
 }
@@ -291,6 +308,7 @@ class SkeletonConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 

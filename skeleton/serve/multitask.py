@@ -26,11 +26,13 @@ from skeleton.export import (
     TENSORS,
     ArtifactError,
     BackboneMismatchError,
+    prune_as_saved,
     read_meta,
     read_tensors,
     resolve_artifact,
+    trained_of,
 )
-from skeleton.localize import backbone_flops, check_adapter, layer_parts, prune_ffn, prune_heads
+from skeleton.localize import backbone_flops, check_adapter, layer_parts
 from skeleton.predict import prediction_record
 from skeleton.prompt import PromptTunedModel
 
@@ -330,19 +332,14 @@ class MultiTaskModel:
 
     def _build(self, path: Path, meta: dict, name: str) -> TaskEntry:
         tensors = read_tensors(path / TENSORS)
-        n = meta["num_layers"]
         view = share_modules(self.dense) if self.prune else self.dense
         try:
-            if self.prune:
-                prune_ffn(view, [tensors[f"keep.ffn.{i}"] for i in range(n)])
-            if self.prune and meta.get("heads_per_layer") is not None:
-                prune_heads(view, [tensors[f"keep.heads.{i}"] for i in range(n)])
+            if self.prune:  # compensation replaces the view's Parameters: the dense ones stay untouched
+                prune_as_saved(view, meta, tensors)
             model = PromptTunedModel(
                 **{**meta["model"], "backbone": self.backbone_name}, backbone_module=view
             )
-            model.load_trained_state(
-                {k: v for k, v in tensors.items() if not k.startswith("keep.")}, source=str(path / TENSORS)
-            )
+            model.load_trained_state(trained_of(tensors), source=str(path / TENSORS))
         except (KeyError, RuntimeError, ValueError, IndexError) as err:
             raise ArtifactError(f"{path} does not fit this backbone: {err}") from err
         model.to(self.device).eval()
