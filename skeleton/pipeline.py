@@ -320,11 +320,13 @@ def scorer(
     *,
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce | None = None,
+    instances: int | None = None,
 ) -> Callable[[], Scores]:
     """One attribution pass over this rank's share of the sample (sums reduced over ranks), scoring the
-    backbone as it is currently masked."""
+    backbone as it is currently masked; ``instances`` (default ``max_instances``) caps the sample."""
     rank, world = shard
     opts = cfg.attribution
+    instances = instances or opts.max_instances
 
     def score_once() -> Scores:
         return score_neurons(
@@ -334,7 +336,7 @@ def scorer(
             target=opts.target,
             token_agg=opts.token_agg,
             magnitude=opts.magnitude,
-            max_instances=-(-opts.max_instances // world),
+            max_instances=-(-instances // world),
             unsupervised=opts.unsupervised,
             include_prompt=opts.include_prompt,
             heads=opts.heads,
@@ -366,6 +368,7 @@ def score_model(
     return score_iteratively(
         score_once,
         model.backbone,
+        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.round_instances),
         step=opts.iterative_step,
         until=opts.iterative_until,
         scope=cfg.pruning.scope,
@@ -393,6 +396,7 @@ def joint_ranking(
         scorer(model, data, cfg, shard=shard, reduce=reduce),
         model.backbone,
         table,
+        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.round_instances),
         rounds=rounds,
         stop_overlap=opts.iterative_stop,
         progress=lambda rate, note: report(

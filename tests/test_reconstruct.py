@@ -213,3 +213,21 @@ def test_reconstruct_settings_are_validated():
         SkeletonConfig.from_dict({"reconstruct": {"instances": 0}})
     with pytest.raises(ConfigError, match=r"skeleton\.reconstruct\.size is not a setting"):
         SkeletonConfig.from_dict({"reconstruct": {"size": 3}})
+
+
+def test_a_candidate_the_family_cannot_slice_is_compensated_on_hooks(monkeypatch):
+    import skeleton.pipeline as pipeline
+
+    dense, batch = tiny_backbone("bert"), make_batch()
+    model = Wrapped(dense)
+    model.on_backbone = lambda other: Wrapped(other)
+    stats = collect_statistics(model, _calibration(), max_instances=18)
+    keep_ffn, keep_heads = _keeps("bert")
+    fit = lambda f, h: fit_compensation(stats, f, h)  # noqa: E731
+    with pipeline.candidate(model, keep_ffn, keep_heads, fit) as sliced:
+        want = sliced(batch)
+    monkeypatch.setattr(pipeline, "compensate", lambda *a: (_ for _ in ()).throw(ValueError("no")))
+    with pipeline.candidate(model, keep_ffn, keep_heads, fit) as fallback:
+        assert fallback is model
+        torch.testing.assert_close(fallback(batch), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(batch), want, atol=1e-3)  # the hooks are gone afterwards

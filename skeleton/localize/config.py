@@ -132,6 +132,9 @@ class AttributionConfig:
     token_agg: TokenAgg = TokenAgg.MEAN
     magnitude: Magnitude = Magnitude.TOKEN
     max_instances: int = 256
+    # Instances per re-scoring round (None: max_instances). The first pass ranks everything; a round only
+    # reorders the units past the rates already masked, and costs as much as the first pass.
+    round_instances: int | None = 128
     unsupervised: bool = False  # the model's own predictions as targets (2205.04157)
     heads: bool = True  # also score attention heads (pruning.units=joint ranks them with the neurons)
     # How a head's channels add up: "channels" scores a head as the neurons it feeds the output projection
@@ -160,6 +163,12 @@ class AttributionConfig:
         self.head_score = choice(HeadScore, self.head_score, f"{key}.head_score")
         check(
             self.max_instances >= 1, f"{key}.max_instances", self.max_instances, "score at least 1 instance"
+        )
+        check(
+            self.round_instances is None or 1 <= self.round_instances <= self.max_instances,
+            f"{key}.round_instances",
+            self.round_instances,
+            f"use null (max_instances) or a number in [1, max_instances={self.max_instances}]",
         )
         rounds_of(self.iterative_step, self.iterative_until)
         check(

@@ -57,11 +57,14 @@ def score_iteratively(
     until: float,
     scope: str = "global",
     progress: Callable[[float, Scores], None] | None = None,
+    score_round: Callable[[], Scores] | None = None,
 ) -> Scores:
     """Scores from `len(rounds_of(step, until)) + 1` attribution passes, each under the mask of the rounds
     before it. `score_once()` scores `backbone`'s model as it is currently masked; call it with fresh batches
     each time. Head scores (if any) come from the first, unmasked pass. `scope` must match the selection
-    the scores are used with ("global" or "layer"), so that each round masks what that scope would drop."""
+    the scores are used with ("global" or "layer"), so that each round masks what that scope would drop.
+    `score_round` scores the re-scoring rounds (default `score_once`; e.g. on fewer instances)."""
+    score_round = score_round or score_once
     first = latest = score_once()
     widths = first.widths
     dropped_round = torch.full((sum(widths),), -1, dtype=torch.long)
@@ -74,7 +77,7 @@ def score_iteratively(
         dropped_round[~kept & (dropped_round < 0)] = k
         round_scores.append(flat)
         with masked(backbone, keep):
-            latest = score_once()
+            latest = score_round()
         if progress is not None:
             progress(rate, latest)
     flat = _flat(latest)

@@ -183,12 +183,14 @@ class JointRanking:
         backbone: nn.Module,
         table: UnitTable,
         *,
+        score_round: Callable[[], Scores] | None = None,
         rounds: list[float],
         stop_overlap: float = 1.0,
         progress: Callable[[float, str], None] | None = None,
         start: Scores | None = None,
     ):
         self._score_once, self._backbone, self.table = score_once, backbone, table
+        self._score_round = score_round or score_once  # the re-scoring rounds' pass (fewer instances)
         self.rounds, self._stop_overlap, self._progress = list(rounds), stop_overlap, progress
         self.seconds, self.passes_run = 0.0, 0  # attribution passes run here (not resumed from ``start``)
         self._exact: float | None = None
@@ -257,9 +259,9 @@ class JointRanking:
         self.keys_for(1.0)
         return self.scores()
 
-    def _score(self) -> Scores:
+    def _score(self, scorer: Callable[[], Scores] | None = None) -> Scores:
         started = time.perf_counter()
-        out = self._score_once()
+        out = (scorer or self._score_once)()
         self.seconds += time.perf_counter() - started
         self.passes_run += 1
         return out
@@ -272,7 +274,7 @@ class JointRanking:
         self._exact = None
         keep_ffn, keep_heads = _keep_lists(kept, table)
         with masked(self._backbone, keep_ffn, keep_heads):
-            self._latest = self._score()
+            self._latest = self._score(self._score_round)
         previous, self.keys = self.keys, unit_scores(self._latest, table) / table.cost
         note = ""
         if k + 1 < len(self.rounds):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,6 +45,16 @@ class Statistics:
     down_bias: list[bool]  # whether the down projection has a bias to carry a shift
     out_bias: list[bool]  # the same for the attention output projection
     tokens: int = 0
+    _ffn: dict = field(default_factory=dict, repr=False)  # per layer: the fit's rate-independent products
+
+    def ffn_products(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's neuron contribution Gram matrix (activations' Gram times the down projection's) and
+        what the tokens' mean takes out of it: the same for every candidate rate, so made once."""
+        if i not in self._ffn:
+            down_gram = self.down_weight[i].T @ self.down_weight[i]
+            mean = self.ffn_sum[i] / max(self.tokens, 1)
+            self._ffn[i] = (self.ffn_gram[i] * down_gram, torch.outer(mean, mean) * self.tokens * down_gram)
+        return self._ffn[i]
 
     def reduced(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Statistics:
         """Summed over ranks (a distributed run gathers its shards' sums)."""
@@ -223,11 +233,10 @@ def fit_compensation(
             out.ffn_scale.append(torch.ones(len(kf)))
             out.ffn_shift.append(None)
         else:
-            down_gram = down.T @ down
+            gram, centre = stats.ffn_products(i)
             mean = stats.ffn_sum[i] / n
             with_shift = shift and stats.down_bias[i]
-            centre = torch.outer(mean, mean) * n * down_gram if with_shift else None
-            scales = _fit(stats.ffn_gram[i] * down_gram, centre, kf, ridge)
+            scales = _fit(gram, centre if with_shift else None, kf, ridge)
             out.ffn_scale.append(scales[kf].float())
             out.ffn_shift.append((down @ (mean * (1 - scales))).float() if with_shift else None)
 
