@@ -74,6 +74,8 @@ def log_result(trainer: L.Trainer, result: SkeletonResult) -> None:
         "skeleton/attribution_s": out.seconds["attribution"],
         "skeleton/search_s": out.seconds["search"],
     }
+    if "reconstruct" in out.seconds:
+        metrics["skeleton/reconstruct_s"] = out.seconds["reconstruct"]
     if out.modelled_speedup is not None:
         metrics["skeleton/modelled_speedup"] = out.modelled_speedup
     for split, drop in out.drops.items():

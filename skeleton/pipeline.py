@@ -368,7 +368,7 @@ def score_model(
     return score_iteratively(
         score_once,
         model.backbone,
-        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.round_instances),
+        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.instances_per_round),
         step=opts.iterative_step,
         until=opts.iterative_until,
         scope=cfg.pruning.scope,
@@ -396,7 +396,7 @@ def joint_ranking(
         scorer(model, data, cfg, shard=shard, reduce=reduce),
         model.backbone,
         table,
-        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.round_instances),
+        score_round=scorer(model, data, cfg, shard=shard, reduce=reduce, instances=opts.instances_per_round),
         rounds=rounds,
         stop_overlap=opts.iterative_stop,
         progress=lambda rate, note: report(

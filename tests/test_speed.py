@@ -481,6 +481,33 @@ def test_an_unreadable_cached_latency_model_is_named_and_measured_again(tmp_path
     assert again.dense_widths == first.dense_widths
 
 
+def test_rescoring_rounds_run_on_their_own_sample_and_the_first_pass_on_the_full_one():
+    backbone, table, score_once, first = _counted_scorer()
+    rounds_seen = []
+
+    def score_round():
+        rounds_seen.append(1)
+        return score_once()
+
+    ranking = JointRanking(score_once, backbone, table, score_round=score_round, rounds=[0.1, 0.2, 0.3])
+    assert len(first) == 1 and not rounds_seen
+    ranking.complete()  # the rounds at 10%, 20% and 30%
+    assert len(rounds_seen) == 3 and len(first) == 4  # (score_round calls score_once here)
+
+
+def test_round_instances_cap_each_rounds_sample():
+    from skeleton.localize.config import ConfigError, SkeletonConfig
+
+    attribution = SkeletonConfig().attribution
+    assert (attribution.max_instances, attribution.instances_per_round) == (256, 128)
+    with pytest.raises(ConfigError, match=r"attribution\.round_instances"):
+        SkeletonConfig.from_dict({"attribution": {"round_instances": 0}})
+    small = SkeletonConfig.from_dict({"attribution": {"max_instances": 64}}).attribution
+    assert small.instances_per_round == 64  # never more than the first pass
+    every = SkeletonConfig.from_dict({"attribution": {"round_instances": None}}).attribution
+    assert every.instances_per_round == 256
+
+
 def test_a_candidate_the_family_cannot_slice_is_evaluated_on_masks(monkeypatch):
     import skeleton.pipeline as pipeline
 

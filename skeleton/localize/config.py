@@ -132,8 +132,8 @@ class AttributionConfig:
     token_agg: TokenAgg = TokenAgg.MEAN
     magnitude: Magnitude = Magnitude.TOKEN
     max_instances: int = 256
-    # Instances per re-scoring round (None: max_instances). The first pass ranks everything; a round only
-    # reorders the units past the rates already masked, and costs as much as the first pass.
+    # Instances per re-scoring round, at most max_instances (None: max_instances). The first pass ranks
+    # everything; a round only reorders the units past the rates already masked.
     round_instances: int | None = 128
     unsupervised: bool = False  # the model's own predictions as targets (2205.04157)
     heads: bool = True  # also score attention heads (pruning.units=joint ranks them with the neurons)
@@ -165,10 +165,10 @@ class AttributionConfig:
             self.max_instances >= 1, f"{key}.max_instances", self.max_instances, "score at least 1 instance"
         )
         check(
-            self.round_instances is None or 1 <= self.round_instances <= self.max_instances,
+            self.round_instances is None or self.round_instances >= 1,
             f"{key}.round_instances",
             self.round_instances,
-            f"use null (max_instances) or a number in [1, max_instances={self.max_instances}]",
+            "use null (max_instances) or at least 1 instance",
         )
         rounds_of(self.iterative_step, self.iterative_until)
         check(
@@ -177,6 +177,11 @@ class AttributionConfig:
             self.iterative_stop,
             "use an overlap in [0, 1] (1.0: never stop re-scoring early)",
         )
+
+    @property
+    def instances_per_round(self) -> int:
+        """A re-scoring round's sample: round_instances, never more than the first pass's."""
+        return min(self.round_instances or self.max_instances, self.max_instances)
 
     @property
     def iterative(self) -> bool:
