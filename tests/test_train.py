@@ -255,9 +255,9 @@ def test_head_rate_beyond_the_margin_is_flagged(tmp_path, monkeypatch):
     real_candidate, real_collect = skeleton.pipeline.candidate, skeleton.pipeline.collect
 
     @contextmanager
-    def recording(model, ffn_keep=None, head_keep=None):
+    def recording(model, ffn_keep=None, head_keep=None, fit=None):
         seen["head_keep"] = head_keep
-        with real_candidate(model, ffn_keep, head_keep) as pruned:
+        with real_candidate(model, ffn_keep, head_keep, fit) as pruned:
             inside.append(True)
             yield pruned
             inside.pop()
