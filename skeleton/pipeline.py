@@ -140,9 +140,11 @@ def run_skeleton(
     elif scored:
         scores = score_model(model, data, cfg, shard=shard, reduce=reduce, report=report)
     attribution_s = time.perf_counter() - started
+    rounds = scores.meta.get("rounds", 1)
+    per_round = f", re-scoring rounds {cfg.attribution.instances_per_round}" if rounds > 1 else ""
     report(
-        f"attribution ({cfg.attribution.criterion}) over {scores.num_instances} instances"
-        f" ({scores.meta.get('rounds', 1)} passes{_lazy_note(ranking)}): {attribution_s:.1f}s"
+        f"attribution ({cfg.attribution.criterion}) over {first_pass_instances(scores, ranking, cfg)} instances"
+        f"{per_round} ({rounds} passes{_lazy_note(ranking)}): {attribution_s:.1f}s"
     )
 
     started = time.perf_counter()
@@ -408,6 +410,14 @@ def joint_ranking(
     if not opts.lazy_rounds or shard[1] > 1:
         ranking.complete()
     return ranking
+
+
+def first_pass_instances(scores: Scores, ranking: JointRanking | None, cfg: SkeletonConfig) -> int:
+    """The first pass's sample size (the latest scores may come from a smaller re-scoring round)."""
+    if ranking is not None and ranking.first_instances is not None:
+        return ranking.first_instances
+    rounds = int(scores.meta.get("rounds", 1))
+    return scores.num_instances if rounds == 1 else cfg.attribution.max_instances
 
 
 def _lazy_note(ranking: JointRanking | None) -> str:

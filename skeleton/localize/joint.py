@@ -194,10 +194,12 @@ class JointRanking:
         self.rounds, self._stop_overlap, self._progress = list(rounds), stop_overlap, progress
         self.seconds, self.passes_run = 0.0, 0  # attribution passes run here (not resumed from ``start``)
         self._exact: float | None = None
+        self.first_instances: int | None = None  # the first pass's sample, when scored here
         if start is not None and self.resumes(start, table, self.rounds):
             self._resume(start)
         else:
             self._latest = self._score()
+            self.first_instances = self._latest.num_instances
             self.keys = unit_scores(self._latest, table) / table.cost
             self.dropped_round = torch.full((len(table),), -1, dtype=torch.long)
             self.round_keys: list[torch.Tensor] = []
