@@ -206,7 +206,7 @@ def test_compensated_skeleton_reloads_bit_for_bit(tmp_path):
 
 
 def test_reconstruct_settings_are_validated():
-    assert SkeletonConfig().reconstruct.enabled and SkeletonConfig().reconstruct.shift
+    assert not SkeletonConfig().reconstruct.enabled and SkeletonConfig().reconstruct.shift
     with pytest.raises(ConfigError, match=r"skeleton\.reconstruct\.ridge"):
         SkeletonConfig.from_dict({"reconstruct": {"ridge": -1}})
     with pytest.raises(ConfigError, match=r"skeleton\.reconstruct\.instances"):

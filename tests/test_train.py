@@ -48,6 +48,35 @@ def test_skeleton_run_prunes_and_reports(tmp_path):
     assert (run_dir / "skeleton" / "skeleton.json").exists() and out.artifact == str(run_dir / "skeleton")
 
 
+def test_a_reconstructed_run_ships_the_network_its_search_judged(tmp_path, monkeypatch):
+    """reconstruct.enabled: every judged candidate is fitted, and the artifact carries the fit, so a reload
+    is the compensated network, not the plain pruned one."""
+    import skeleton.pipeline as pipeline
+    from skeleton.bench import synthetic_batch
+    from skeleton.export import build_dense, load_skeleton, read_meta, read_tensors
+    from skeleton.localize import prune_ffn, prune_heads
+
+    fits = []
+    real = pipeline.fit_compensation
+    monkeypatch.setattr(pipeline, "fit_compensation", lambda *a, **k: fits.append(1) or real(*a, **k))
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["skeleton.psi=100", "skeleton.reconstruct.enabled=true"], run_dir=run_dir)
+    out = train(cfg).skeleton
+    assert out.rate >= 0.5 and out.seconds["reconstruct"] >= 0
+    assert len(fits) == len(out.search_points) + 1  # each judged candidate, then the shipped network
+    artifact = run_dir / "skeleton"
+    meta, tensors = read_meta(artifact), read_tensors(artifact / "skeleton.safetensors")
+    assert meta["format_version"] == 2 and any(k.startswith("comp.") for k in tensors)
+
+    shipped = load_skeleton(artifact)
+    plain = build_dense(artifact)  # the same kept units without the fit
+    prune_ffn(plain.backbone, [tensors[f"keep.ffn.{i}"] for i in range(meta["num_layers"])])
+    prune_heads(plain.backbone, [tensors[f"keep.heads.{i}"] for i in range(meta["num_layers"])])
+    batch = synthetic_batch(shipped, 4, 12)
+    with torch.no_grad():
+        assert not torch.allclose(shipped(batch), plain.eval()(batch), atol=1e-5)
+
+
 @pytest.mark.parametrize("joint_reaches", [0.2, None])
 def test_units_best_keeps_the_faster_of_the_joint_and_the_ffn_only_network(
     tmp_path, monkeypatch, joint_reaches
