@@ -47,7 +47,6 @@ from skeleton.localize.cost import CostModel, cached_cost_model
 from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, select_units, unit_table
 from skeleton.localize.reconstruct import (
     Compensation,
-    calibration_batches,
     collect_statistics,
     compensate,
     compensated_masks,
@@ -315,6 +314,12 @@ def cost_model(model: nn.Module, data, cfg: SkeletonConfig, cache_dir, report: R
     return cost
 
 
+def rank_share(loader, shard: tuple[int, int], instances: int) -> tuple:
+    """This rank's batches of a sample (every ``world``-th from ``rank``) and its share of ``instances``."""
+    rank, world = shard
+    return itertools.islice(loader, rank, None, world), -(-instances // world)
+
+
 def scorer(
     model: nn.Module,
     data,
@@ -326,19 +331,18 @@ def scorer(
 ) -> Callable[[], Scores]:
     """One attribution pass over this rank's share of the sample (sums reduced over ranks), scoring the
     backbone as it is currently masked; ``instances`` (default ``max_instances``) caps the sample."""
-    rank, world = shard
     opts = cfg.attribution
-    instances = instances or opts.max_instances
 
     def score_once() -> Scores:
+        batches, per_rank = rank_share(data.attribution_dataloader(), shard, instances or opts.max_instances)
         return score_neurons(
             model,
-            itertools.islice(data.attribution_dataloader(), rank, None, world),
+            batches,
             criterion=opts.criterion,
             target=opts.target,
             token_agg=opts.token_agg,
             magnitude=opts.magnitude,
-            max_instances=-(-instances // world),
+            max_instances=per_rank,
             unsupervised=opts.unsupervised,
             include_prompt=opts.include_prompt,
             heads=opts.heads,
@@ -445,11 +449,11 @@ def reconstruction(
     if not opts.enabled:
         return None
     started = time.perf_counter()
-    world = shard[1]
+    batches, per_rank = rank_share(data.attribution_dataloader(opts.instances), shard, opts.instances)
     stats = collect_statistics(
         model,
-        calibration_batches(data.attribution_dataloader(opts.instances), shard),
-        max_instances=-(-opts.instances // world),
+        batches,
+        max_instances=per_rank,
         include_prompt=cfg.attribution.include_prompt,
         reduce=reduce,
     )

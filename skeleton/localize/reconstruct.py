@@ -17,7 +17,6 @@ the pruned model keeps its shapes and its speed.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -330,9 +329,3 @@ def compensated_masks(
     finally:
         for h in handles:
             h.remove()
-
-
-def calibration_batches(loader: Iterable[dict], shard: tuple[int, int]) -> Iterable[dict]:
-    """This rank's share of the calibration batches (every ``world``-th from ``rank``)."""
-    rank, world = shard
-    return itertools.islice(loader, rank, None, world)
