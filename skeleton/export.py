@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoModel
 
 from skeleton import hf_native, hub
 from skeleton.backbones import load_tokenizer, weights_hash
-from skeleton.localize import ffn_widths, heads_per_layer, prune_ffn, prune_heads, resize_to_widths
-from skeleton.localize.reconstruct import TENSOR_PREFIX, Compensation, compensate
+from skeleton.localize import ffn_widths, heads_per_layer, prune_units, resize_to_widths
+from skeleton.localize.reconstruct import TENSOR_PREFIX, Compensation
 from skeleton.prompt import PromptTunedModel
 from skeleton.runs import write_json_atomic
 
@@ -80,12 +80,11 @@ def prune_as_saved(backbone: nn.Module, meta: dict, tensors: dict[str, torch.Ten
     """Cut a dense backbone to a skeleton's kept units and fold in its compensation: the one way both a
     reload and a serving view rebuild the saved network."""
     n = meta["num_layers"]
-    prune_ffn(backbone, [tensors[f"keep.ffn.{i}"] for i in range(n)])
-    if meta.get("heads_per_layer") is not None:
-        prune_heads(backbone, [tensors[f"keep.heads.{i}"] for i in range(n)])
-    comp = Compensation.from_tensors(tensors, n)
-    if comp is not None:
-        compensate(backbone, comp)
+    heads = (
+        [tensors[f"keep.heads.{i}"] for i in range(n)] if meta.get("heads_per_layer") is not None else None
+    )
+    ffn = [tensors[f"keep.ffn.{i}"] for i in range(n)]
+    prune_units(backbone, ffn, heads, Compensation.from_tensors(tensors, n))
 
 
 def _indices(keep, width: int) -> torch.Tensor:

@@ -34,8 +34,7 @@ from skeleton.localize import (
     ffn_widths,
     heads_per_layer,
     masked,
-    prune_ffn,
-    prune_heads,
+    prune_units,
     score_iteratively,
     score_neurons,
     search_pruning_rate,
@@ -48,13 +47,21 @@ from skeleton.localize.joint import JointRanking, UnitTable, ranking_keys, selec
 from skeleton.localize.reconstruct import (
     Compensation,
     collect_statistics,
-    compensate,
     compensated_masks,
     fit_compensation,
 )
 from skeleton.summary import FFNWidths, Flops, Latency, Measured, ParamCounts, SkeletonOutcome
 from skeleton.timing import describe_load
-from skeleton.uncertainty import Drop, Predictions, collect, paired_drop, score, split_indices, subset_loader
+from skeleton.uncertainty import (
+    Drop,
+    Predictions,
+    collect,
+    constant_baseline,
+    paired_drop,
+    score,
+    split_indices,
+    subset_loader,
+)
 
 Report = Callable[[str], None]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -64,6 +71,7 @@ DEGENERATE = (
     "task, so any pruning rate keeps its score and the chosen rate means nothing. Train longer "
     "(trainer.max_steps) or raise prompt.lr / module.head_lr."
 )
+NEAR_CONSTANT = "the dense prompt-tuned model is within psi of a constant answer"
 FLOPS_SEQ_LEN = 128  # tokens per sequence at which FLOPs are reported
 MIN_CONFIRM = 20  # examples each part of the search split needs before acceptance=pooled/confirm splits it
 HELD_BACK = (Acceptance.CONFIRM, Acceptance.POOLED)  # the rules that hold back a part of the search split
@@ -121,7 +129,7 @@ def run_skeleton(
         )
     headline = model.task.headline
     warnings: list[str] = []
-    dense, dense_preds = measure_dense(model, data, warnings, report)
+    dense, dense_preds = measure_dense(model, data, warnings, report, cfg.margin)
     identity, before = model.backbone_identity(), shape_report(model.backbone)
 
     started = time.perf_counter()
@@ -180,7 +188,7 @@ def run_skeleton(
     keep_ffn, keep_heads = select(rate)
     compensation = fit(keep_ffn, keep_heads) if fit is not None else None
     dense_backbone = copy.deepcopy(model.backbone)
-    prune(model.backbone, keep_ffn, keep_heads, compensation)
+    prune_units(model.backbone, keep_ffn, keep_heads, compensation)
     pruned, pruned_preds = measure(model, data)
     latency = measure_speedup(model, dense_backbone, data.dev_dataloader(), cfg.benchmark)
     del dense_backbone
@@ -254,15 +262,30 @@ def measure(model: nn.Module, data) -> tuple[Measured, dict]:
     return Measured(search=metrics["search"], dev=metrics["dev"]), preds
 
 
-def measure_dense(model: nn.Module, data, warnings: list[str], report: Report) -> tuple[Measured, dict]:
-    """The dense scores that psi is measured from; flags a model that has learned nothing."""
+def measure_dense(
+    model: nn.Module, data, warnings: list[str], report: Report, margin: float = 0.0
+) -> tuple[Measured, dict]:
+    """The dense scores that psi is measured from; flags a model that has learned nothing, or too little
+    to stand ``margin`` (psi as a fraction) above answering every example alike."""
     dense, preds = measure(model, data)
     search = preds["search"]
     logits = [search.logits] if isinstance(search, Predictions) else search
+    headline = model.task.headline
     if is_degenerate(logits, model.task.formulation):
         warnings.append(DEGENERATE)
         report(f"WARNING: {DEGENERATE}")
-    headline = model.task.headline
+    elif isinstance(search, Predictions):
+        baseline = constant_baseline(model.task, search, headline)
+        if baseline is not None and dense.search[headline] - baseline[1] <= margin + 1e-12:
+            label, value = baseline
+            name = model.task.labels[label] if model.task.labels else str(label)
+            warnings.append(
+                f"{NEAR_CONSTANT}: {headline} {dense.search[headline]:.4f} on the search split against "
+                f"{value:.4f} for answering '{name}' to every example. Pruning can cut the network down "
+                "to that answer and keep the margin, so the rate and the speedup say little about the "
+                "task. Train longer (trainer.max_steps) or raise prompt.lr / module.head_lr."
+            )
+            report(f"WARNING: {warnings[-1]}")
     report(f"dense {headline}: search {dense.search[headline]:.4f}, dev {dense.dev[headline]:.4f}")
     return dense, preds
 
@@ -768,7 +791,7 @@ def candidate(model: nn.Module, keep_ffn: list, keep_heads: list | None, fit: Fi
     comp = fit(keep_ffn, keep_heads) if fit is not None else None
     try:
         twin = copy.deepcopy(model.backbone)
-        prune(twin, keep_ffn, keep_heads, comp)
+        prune_units(twin, keep_ffn, keep_heads, comp)
     except (NotImplementedError, ValueError):
         hooks = masked if comp is None else functools.partial(compensated_masks, comp=comp)
         with hooks(model.backbone, keep_ffn, keep_heads):
@@ -793,9 +816,12 @@ def confirm_rate(
     """The largest rate the search accepted that the confirmation also keeps within psi: the search
     part chose among many rates, so its best one is optimistic; the other part has not been looked at
     (``confirm``: that part alone, or pooled with the search part's predictions at the same rate).
-    Steps down the accepted rates; between the first that holds and the one above it that did not, a
-    binary search on the grid (``passes(rate)``: the search part accepts it) finds the largest that both
-    parts keep. Nothing at or below ``floor`` is looked at: ``floor`` comes back when nothing above holds."""
+    Steps down the accepted rates; between the first that holds and the one above it that did not, the
+    largest rate both parts keep is found on the grid (``passes(rate)``: the search part accepts it) by
+    galloping down from the refused rate, then bisecting: the search part accepted that rate, so the
+    boundary is usually a few grid points below it, where a bisection from the bottom would spend its
+    first probes on large (slow) networks far from it. Nothing at or below ``floor`` is looked at:
+    ``floor`` comes back when nothing above holds."""
 
     def confirmed(candidate: float) -> bool:
         value, _ = evaluate_on(confirm, candidate)
@@ -817,24 +843,23 @@ def confirm_rate(
         failed = candidate
     if failed is None or passes is None:
         return best
+
+    def holds(k: int) -> bool:
+        candidate = round(k * granularity, 12)
+        judged = points.get(candidate, {}).get("accepted")  # the search part already judged it: no new pass
+        return (passes(candidate) if judged is None else judged) and confirmed(candidate)
+
     lo, hi = round(best / granularity), round(failed / granularity)
+    step = 1
+    while hi - step > lo:  # gallop down from the refused rate: 1, 3, 7, ... grid points below it
+        if holds(hi - step):
+            lo = hi - step
+            break
+        hi, step = hi - step, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        candidate = round(mid * granularity, 12)
-        judged = points.get(candidate, {}).get("accepted")  # the search part already judged it: no new pass
-        ok = (passes(candidate) if judged is None else judged) and confirmed(candidate)
-        lo, hi = (mid, hi) if ok else (lo, mid)
+        lo, hi = (mid, hi) if holds(mid) else (lo, mid)
     return round(lo * granularity, 12)
-
-
-def prune(
-    backbone: nn.Module, keep_ffn: list, keep_heads: list | None, comp: Compensation | None = None
-) -> None:
-    prune_ffn(backbone, keep_ffn)
-    if keep_heads is not None and any(len(k) < h for k, h in zip(keep_heads, heads_per_layer(backbone))):
-        prune_heads(backbone, keep_heads)
-    if comp is not None:
-        compensate(backbone, comp)
 
 
 def recover_step(model, data, cfg: SkeletonConfig, recover, report: Report) -> tuple[Measured, float]:

@@ -69,6 +69,21 @@ def score(task, predictions: Predictions) -> dict[str, float]:
     return metrics.compute()
 
 
+def constant_baseline(task, predictions: Predictions, headline: str) -> tuple[int, float] | None:
+    """(class, headline score) of the best answer given to every example alike (classification only):
+    a dense model within psi of it has learned too little for a pruning margin to say anything."""
+    if task.formulation != "classification" or predictions.logits.dim() != 2:
+        return None
+    best = None
+    for label in range(predictions.logits.shape[1]):
+        logits = torch.zeros_like(predictions.logits)
+        logits[:, label] = 1.0
+        value = float(score(task, Predictions(logits, predictions.fields))[headline])
+        if not math.isnan(value) and (best is None or value > best[1]):
+            best = (label, value)
+    return best
+
+
 @dataclass
 class Drop:
     """dense - pruned on the same examples, in the metric's units, with its paired standard error."""

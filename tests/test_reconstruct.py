@@ -226,7 +226,7 @@ def test_a_candidate_the_family_cannot_slice_is_compensated_on_hooks(monkeypatch
     fit = lambda f, h: fit_compensation(stats, f, h)  # noqa: E731
     with pipeline.candidate(model, keep_ffn, keep_heads, fit) as sliced:
         want = sliced(batch)
-    monkeypatch.setattr(pipeline, "compensate", lambda *a: (_ for _ in ()).throw(ValueError("no")))
+    monkeypatch.setattr(pipeline, "prune_units", lambda *a: (_ for _ in ()).throw(ValueError("no")))
     with pipeline.candidate(model, keep_ffn, keep_heads, fit) as fallback:
         assert fallback is model
         torch.testing.assert_close(fallback(batch), want, atol=1e-5, rtol=1e-5)

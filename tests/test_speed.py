@@ -3,6 +3,7 @@ re-scoring that stops once settled, and the noise-aware acceptance (paired boots
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -238,6 +239,42 @@ def test_paired_drop_is_the_difference_and_its_bootstrap_error():
     assert drop.to_dict()["drop"] == pytest.approx(10.0)
 
 
+def test_the_constant_baseline_is_the_best_single_answer_for_the_headline():
+    from skeleton.uncertainty import constant_baseline
+
+    labels = [1, 1, 1, 0]
+    anything = _predictions(labels, [0, 1, 0, 1])
+    assert constant_baseline(get_task("sst2"), anything, "accuracy") == (1, pytest.approx(0.75))
+    # MRPC's headline is the mean of accuracy and F1: all-positive scores (0.75 + 6/7) / 2
+    assert constant_baseline(get_task("mrpc"), anything, "acc_f1") == (1, pytest.approx((0.75 + 6 / 7) / 2))
+    assert constant_baseline(get_task("stsb"), anything, "pearson_spearman") is None  # regression
+
+
+@pytest.mark.parametrize(("dense_correct", "flagged"), [(80, True), (82, False)])
+def test_a_dense_model_within_psi_of_a_constant_answer_is_flagged(monkeypatch, dense_correct, flagged):
+    """79 of 100 search examples are positive: a dense model at 80% is one point above answering
+    'positive' to all of them, so psi = 1 can prune it down to that answer; at 82% it is not."""
+    from types import SimpleNamespace
+
+    import skeleton.pipeline as pipeline
+    from skeleton.summary import Measured
+
+    labels = [0] * 21 + [1] * 79
+    wrong = 100 - dense_correct  # the negatives answered right, the first positives wrongly
+    predicted = [0] * 21 + [0] * wrong + [1] * (79 - wrong)
+    preds = _predictions(labels, predicted)
+    accuracy = sum(p == y for p, y in zip(predicted, labels)) / 100
+    assert accuracy == pytest.approx(dense_correct / 100)
+    measured = Measured(search={"accuracy": accuracy}, dev={"accuracy": accuracy})
+    monkeypatch.setattr(pipeline, "measure", lambda model, data: (measured, {"search": preds}))
+    model = SimpleNamespace(task=get_task("sst2"))
+    warnings = []
+    pipeline.measure_dense(model, None, warnings, report=lambda _: None, margin=0.01)
+    assert any(w.startswith(pipeline.NEAR_CONSTANT) for w in warnings) is flagged
+    if flagged:
+        assert "0.7900 for answering 'positive'" in warnings[0] and "trainer.max_steps" in warnings[0]
+
+
 def test_split_loader_halves_are_disjoint_complete_and_in_order():
     loader = DataLoader(list(range(101)), batch_size=8)
     a, b = split_loader(loader, 0.5, seed=3)
@@ -320,13 +357,51 @@ def test_confirmation_refines_between_the_rate_that_held_and_the_one_that_did_no
     )
     assert rate == pytest.approx(0.33)
     assert points[0.25]["confirmed"] and not points[0.37]["confirmed"] and points[0.33]["confirmed"]
+    # galloping down from 0.37 (0.36, 0.34, 0.30 holds), then bisecting: never the slow rates near 0.25
+    assert [r for r in sorted(points, reverse=True) if "confirmed" in points[r]] == [
+        0.37,
+        0.36,
+        0.34,
+        0.33,
+        0.32,
+        0.3,
+        0.25,
+    ]
+
+
+@pytest.mark.parametrize("boundary", [0.0, 0.01, 0.26, 0.45, 0.48, 0.49])
+def test_refining_finds_the_largest_rate_both_parts_keep_probing_near_the_refused_one_first(boundary):
+    """On a monotone curve the refinement lands on the boundary wherever it is; one grid point below
+    the refused rate costs one probe, a few points below it at most 2 log2(distance) + 1."""
+    from skeleton.pipeline import _Split, confirm_rate
+
+    held_back = _Split(loader=None, dense=None, base=0.90)
+    points = {0.5: {"accepted": True}}
+    asked = []
+
+    def evaluate_on(split, rate):
+        asked.append(rate)
+        return (0.90 if rate <= boundary + 1e-9 else 0.85), None
+
+    def passes(rate):
+        points[rate] = {"accepted": True}
+        return True
+
+    rate = confirm_rate(
+        held_back, points, 0.5, evaluate_on, 0.01, "accuracy", report=lambda _: None, passes=passes
+    )
+    assert rate == pytest.approx(boundary)
+    distance = round((0.5 - boundary) / 0.01)
+    assert len(asked) - 1 <= 2 * math.log2(distance) + 1  # the first ask is the refused rate's confirmation
+    if distance == 1:
+        assert asked == [0.5, 0.49]
 
 
 def test_refining_does_not_score_a_rate_the_search_part_already_judged():
     from skeleton.pipeline import _Split, confirm_rate
 
     held_back = _Split(loader=None, dense=None, base=0.90)
-    points = {0.25: {"accepted": True}, 0.31: {"accepted": False}, 0.37: {"accepted": True}}
+    points = {0.25: {"accepted": True}, 0.36: {"accepted": False}, 0.37: {"accepted": True}}
     asked = []
 
     def passes(rate):
@@ -344,8 +419,8 @@ def test_refining_does_not_score_a_rate_the_search_part_already_judged():
         report=lambda _: None,
         passes=passes,
     )
-    assert rate == pytest.approx(0.30)  # 0.31 was refused by the search part, so the refinement stops below
-    assert 0.31 not in asked and asked == [0.28, 0.29, 0.3]
+    assert rate == pytest.approx(0.33)  # 0.36 was refused by the search part: judged without a pass
+    assert asked == [0.34, 0.3, 0.32, 0.33]
 
 
 def test_confirmation_never_looks_at_or_below_a_floor():
@@ -517,7 +592,7 @@ def test_a_candidate_the_family_cannot_slice_is_evaluated_on_masks(monkeypatch):
     with masked(backbone, keep_ffn, keep_heads):
         want = _forward(model, batch)
     monkeypatch.setattr(
-        pipeline, "prune", lambda *a: (_ for _ in ()).throw(NotImplementedError("no slicing"))
+        pipeline, "prune_units", lambda *a: (_ for _ in ()).throw(NotImplementedError("no slicing"))
     )
     with pipeline.candidate(model, keep_ffn, keep_heads) as fallback:
         assert fallback is model

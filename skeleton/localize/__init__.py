@@ -36,7 +36,15 @@ from .attribution import (
 from .infer import AdapterCheckError, check_adapter, infer_adapter
 from .iterative import rounds_of, score_iteratively
 from .masks import NeuronMask, as_keep_mask, masked
-from .prune import backbone_flops, prune_ffn, prune_heads, resize_to_widths, select_heads, select_neurons
+from .prune import (
+    backbone_flops,
+    prune_ffn,
+    prune_heads,
+    prune_units,
+    resize_to_widths,
+    select_heads,
+    select_neurons,
+)
 from .search import SearchResult, masked_evaluator, search_pruning_rate
 
 __all__ = [
@@ -70,6 +78,7 @@ __all__ = [
     "masked_evaluator",
     "prune_ffn",
     "prune_heads",
+    "prune_units",
     "random_scores",
     "register_adapter",
     "resize_to_widths",

@@ -27,6 +27,7 @@ from .arch import (
     slice_out,
 )
 from .masks import as_keep_mask
+from .reconstruct import Compensation, compensate
 from .skip import attention_skippable, refresh_skips
 
 SCOPES = ("global", "layer")
@@ -202,6 +203,24 @@ def prune_heads(backbone: nn.Module, keep_heads: Sequence[torch.Tensor | None]) 
     heads = [p.attn.num_heads for p in parts]
     backbone.config.skeleton_heads_per_layer = heads
     return heads
+
+
+def prune_units(
+    backbone: nn.Module,
+    keep_ffn: Sequence[torch.Tensor | None],
+    keep_heads: Sequence[torch.Tensor | None] | None = None,
+    comp: Compensation | None = None,
+) -> None:
+    """Cut the backbone to its kept FFN neurons and heads and fold in a compensation: the one way a
+    searched candidate, the final skeleton, a reload and a serving view are built, so they are equal.
+    Heads are sliced only where one goes (a family that cannot slice heads still prunes its FFN)."""
+    prune_ffn(backbone, keep_ffn)
+    if keep_heads is not None:
+        dense = [p.attn.num_heads for p in _layer_parts(backbone)]
+        if any(len(_as_indices(k, h)) < h for k, h in zip(keep_heads, dense)):
+            prune_heads(backbone, keep_heads)
+    if comp is not None:
+        compensate(backbone, comp)
 
 
 def resize_to_widths(
