@@ -35,7 +35,9 @@ from skeleton.localize.reconstruct import TENSOR_PREFIX, Compensation
 from skeleton.prompt import PromptTunedModel
 from skeleton.runs import write_json_atomic
 
-FORMAT_VERSION = 2  # 2: a skeleton may carry least-squares compensation (comp.* tensors)
+PLAIN_FORMAT = 1  # what every reader loads: written whenever nothing needs a newer one
+COMPENSATED_FORMAT = 2  # a skeleton carrying compensation (comp.* tensors): older readers must refuse it
+FORMAT_VERSION = COMPENSATED_FORMAT  # the newest this code reads
 META = "skeleton.json"
 TENSORS = "skeleton.safetensors"
 WEIGHTS = "model.safetensors"
@@ -176,7 +178,7 @@ def save_skeleton(
     }
     if compensation is not None:  # readers before format 2 would drop it silently: they must refuse
         tensors.update(compensation.to_tensors())
-        layout["format_version"] = 2
+        layout["format_version"] = COMPENSATED_FORMAT
     return _write_artifact(model, path, KIND_SKELETON, dense_identity, tensors, layout, extra)
 
 
@@ -193,7 +195,7 @@ def _write_artifact(model, path: Path, kind: str, identity: dict, tensors: dict,
     tmp.replace(path / TENSORS)
     meta = {
         "kind": kind,
-        "format_version": 1,
+        "format_version": PLAIN_FORMAT,
         "task": model.task.name,
         "backbone": {"name_or_path": identity["name_or_path"], "sha256": identity["sha256"]},
         "model": model_hparams(model),
@@ -304,7 +306,7 @@ def export_pruned(model: PromptTunedModel, path: str | Path, *, extra: dict | No
     dense = info.get("backbone") or {"name_or_path": model.backbone_name}
     meta = {
         "kind": KIND_EXPORT,
-        "format_version": 1,  # the compensation is in its weights already
+        "format_version": PLAIN_FORMAT,  # the compensation is in its weights already
         "task": model.task.name,
         "backbone": dense,  # the dense backbone it was cut from (provenance; not needed to load)
         "model": model_hparams(model),

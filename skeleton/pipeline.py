@@ -129,7 +129,7 @@ def run_skeleton(
         )
     headline = model.task.headline
     warnings: list[str] = []
-    dense, dense_preds = measure_dense(model, data, warnings, report, cfg.margin)
+    dense, dense_preds, constant = measure_dense(model, data, warnings, report, cfg.margin)
     identity, before = model.backbone_identity(), shape_report(model.backbone)
 
     started = time.perf_counter()
@@ -242,6 +242,7 @@ def run_skeleton(
         drops=drops,
         cost_model=cost.to_dict(),
         modelled_speedup=round(modelled, 4),
+        constant_answer=constant,
     )
     return SkeletonResult(
         outcome, dense, headline, keep_ffn, keep_heads, identity, scores, scored, compensation
@@ -264,30 +265,37 @@ def measure(model: nn.Module, data) -> tuple[Measured, dict]:
 
 def measure_dense(
     model: nn.Module, data, warnings: list[str], report: Report, margin: float = 0.0
-) -> tuple[Measured, dict]:
-    """The dense scores that psi is measured from; flags a model that has learned nothing, or too little
-    to stand ``margin`` (psi as a fraction) above answering every example alike."""
+) -> tuple[Measured, dict, dict | None]:
+    """The dense scores that psi is measured from, their predictions, and the best constant answer's
+    search score; flags a model that has learned nothing, or too little to stand ``margin`` (psi as a
+    fraction) above answering every example alike."""
     dense, preds = measure(model, data)
     search = preds["search"]
     logits = [search.logits] if isinstance(search, Predictions) else search
     headline = model.task.headline
+    baseline = constant_baseline(model.task, search, headline) if isinstance(search, Predictions) else None
+    constant = None
+    if baseline is not None:
+        label, value = baseline
+        constant = {"label": model.task.labels[label] if model.task.labels else str(label), "search": value}
     if is_degenerate(logits, model.task.formulation):
         warnings.append(DEGENERATE)
         report(f"WARNING: {DEGENERATE}")
-    elif isinstance(search, Predictions):
-        baseline = constant_baseline(model.task, search, headline)
-        if baseline is not None and dense.search[headline] - baseline[1] <= margin + 1e-12:
-            label, value = baseline
-            name = model.task.labels[label] if model.task.labels else str(label)
-            warnings.append(
-                f"{NEAR_CONSTANT}: {headline} {dense.search[headline]:.4f} on the search split against "
-                f"{value:.4f} for answering '{name}' to every example. Pruning can cut the network down "
-                "to that answer and keep the margin, so the rate and the speedup say little about the "
-                "task. Train longer (trainer.max_steps) or raise prompt.lr / module.head_lr."
-            )
-            report(f"WARNING: {warnings[-1]}")
-    report(f"dense {headline}: search {dense.search[headline]:.4f}, dev {dense.dev[headline]:.4f}")
-    return dense, preds
+    elif constant is not None and dense.search[headline] - constant["search"] <= margin + 1e-12:
+        warnings.append(
+            f"{NEAR_CONSTANT}: {headline} {dense.search[headline]:.4f} on the search split against "
+            f"{constant['search']:.4f} for answering '{constant['label']}' to every example. Pruning can cut "
+            "the network down to that answer and keep the margin, so the rate and the speedup say little "
+            "about the task. Train longer (trainer.max_steps) or raise prompt.lr / module.head_lr."
+        )
+        report(f"WARNING: {warnings[-1]}")
+    above = (
+        ""
+        if constant is None
+        else f" ({100 * (dense.search[headline] - constant['search']):+.1f} points on a constant answer)"
+    )
+    report(f"dense {headline}: search {dense.search[headline]:.4f}{above}, dev {dense.dev[headline]:.4f}")
+    return dense, preds, constant
 
 
 def drop_of(task, headline: str, dense, pruned, cfg: SkeletonConfig) -> Drop:

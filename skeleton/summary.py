@@ -95,6 +95,9 @@ class SkeletonOutcome:
     drops: dict[str, dict[str, Any]] = field(default_factory=dict)  # search/dev: drop, se (points), n
     cost_model: dict[str, Any] | None = None  # the latency model the ranking and the search used
     modelled_speedup: float | None = None
+    # the best answer given to every search example alike: {"label", "search"} (classification only);
+    # a dense model within psi of it has learned too little for the margin to mean much
+    constant_answer: dict[str, Any] | None = None
 
 
 @dataclass

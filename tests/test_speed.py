@@ -269,7 +269,8 @@ def test_a_dense_model_within_psi_of_a_constant_answer_is_flagged(monkeypatch, d
     monkeypatch.setattr(pipeline, "measure", lambda model, data: (measured, {"search": preds}))
     model = SimpleNamespace(task=get_task("sst2"))
     warnings = []
-    pipeline.measure_dense(model, None, warnings, report=lambda _: None, margin=0.01)
+    _, _, constant = pipeline.measure_dense(model, None, warnings, report=lambda _: None, margin=0.01)
+    assert constant == {"label": "positive", "search": pytest.approx(0.79)}
     assert any(w.startswith(pipeline.NEAR_CONSTANT) for w in warnings) is flagged
     if flagged:
         assert "0.7900 for answering 'positive'" in warnings[0] and "trainer.max_steps" in warnings[0]
