@@ -152,7 +152,7 @@ def fmt(value, spec: str = ".2f", prefix: str = "") -> str:
 
 def tables(rows: list[dict]) -> str:
     lines = [
-        "| method | task | seeds | dense dev | dev drop (median; per seed) | FFN / heads pruned | speedup b32 at the dev median length, re-timed (median; per seed) | modelled | localization / tuning | dense above a constant answer, search split (median, points) |",
+        "| method | task | seeds | dense dev | dev drop (median; per seed) | FFN / heads pruned | speedup b32 at the dev median length, re-timed (median; per seed) | modelled | localization / tuning (rankings reused from the cache where they fit) | dense above a constant answer, search split (median, points) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     tasks = sorted({r["task"] for r in rows}, key=list(TASKS).index)
@@ -174,7 +174,7 @@ def tables(rows: list[dict]) -> str:
                 f"{fmt(median(r['modelled'] for r in rs), prefix='x')} | "
                 f"{fmt(median(r['localize_share'] for r in rs), '.0%')} "
                 f"({median(r['localize_s'] for r in rs):.0f} s / {median(r['tuning_s'] for r in rs):.0f} s) | "
-                f"{fmt(median(r.get('above_constant') for r in rs), '.1f')}"
+                f"{'-' if task == 'all' else fmt(median(r.get('above_constant') for r in rs), '.1f')}"
                 f"{' (within psi: ' + str(sum(r['near_constant'] for r in rs)) + ')' if any(r['near_constant'] for r in rs) else ''} |"
             )
     lines += [
