@@ -165,6 +165,7 @@ def tables(rows: list[dict]) -> str:
             drops = ", ".join(f"{r['dev_drop']:.1f}" for r in rs)
             speeds = ", ".join(f"{r['speedup']:.2f}" for r in rs)
             # the tasks' metrics differ: no median dense score across them
+            within = sum(r["near_constant"] for r in rs)  # dense models within psi of a constant answer
             dense_dev = "-" if task == "all" else f"{median(r['dense_dev'] for r in rs):.1f}"
             lines.append(
                 f"| {method} | {task} | {len(rs)} | {dense_dev} | "
@@ -175,7 +176,7 @@ def tables(rows: list[dict]) -> str:
                 f"{fmt(median(r['localize_share'] for r in rs), '.0%')} "
                 f"({median(r['localize_s'] for r in rs):.0f} s / {median(r['tuning_s'] for r in rs):.0f} s) | "
                 f"{'-' if task == 'all' else fmt(median(r.get('above_constant') for r in rs), '.1f')}"
-                f"{' (within psi: ' + str(sum(r['near_constant'] for r in rs)) + ')' if any(r['near_constant'] for r in rs) else ''} |"
+                f"{f' (within psi: {within})' if within else ''} |"
             )
     lines += [
         "",

@@ -278,10 +278,11 @@ def measure_dense(
     if baseline is not None:
         label, value = baseline
         constant = {"label": model.task.labels[label] if model.task.labels else str(label), "search": value}
+    above = None if constant is None else dense.search[headline] - constant["search"]
     if is_degenerate(logits, model.task.formulation):
         warnings.append(DEGENERATE)
         report(f"WARNING: {DEGENERATE}")
-    elif constant is not None and dense.search[headline] - constant["search"] <= margin + 1e-12:
+    elif above is not None and above <= margin + 1e-12:
         warnings.append(
             f"{NEAR_CONSTANT}: {headline} {dense.search[headline]:.4f} on the search split against "
             f"{constant['search']:.4f} for answering '{constant['label']}' to every example. Pruning can cut "
@@ -289,12 +290,8 @@ def measure_dense(
             "about the task. Train longer (trainer.max_steps) or raise prompt.lr / module.head_lr."
         )
         report(f"WARNING: {warnings[-1]}")
-    above = (
-        ""
-        if constant is None
-        else f" ({100 * (dense.search[headline] - constant['search']):+.1f} points on a constant answer)"
-    )
-    report(f"dense {headline}: search {dense.search[headline]:.4f}{above}, dev {dense.dev[headline]:.4f}")
+    gap = "" if above is None else f" ({100 * above:+.1f} points on a constant answer)"
+    report(f"dense {headline}: search {dense.search[headline]:.4f}{gap}, dev {dense.dev[headline]:.4f}")
     return dense, preds, constant
 
 

@@ -18,6 +18,7 @@ from .arch import (
     check_per_layer,
     get_adapter,
     group_heads,
+    heads_per_layer,
     in_features,
     kv_groups,
     layer_parts,
@@ -215,10 +216,10 @@ def prune_units(
     searched candidate, the final skeleton, a reload and a serving view are built, so they are equal.
     Heads are sliced only where one goes (a family that cannot slice heads still prunes its FFN)."""
     prune_ffn(backbone, keep_ffn)
-    if keep_heads is not None:
-        dense = [p.attn.num_heads for p in _layer_parts(backbone)]
-        if any(len(_as_indices(k, h)) < h for k, h in zip(keep_heads, dense)):
-            prune_heads(backbone, keep_heads)
+    if keep_heads is not None and any(
+        len(_as_indices(k, h)) < h for k, h in zip(keep_heads, heads_per_layer(backbone))
+    ):
+        prune_heads(backbone, keep_heads)
     if comp is not None:
         compensate(backbone, comp)
 
